@@ -1,0 +1,70 @@
+"""Checks a composed config before any data or device is touched, naming the key at fault."""
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from largeml.errors import ConfigError
+from largeml.trainer import resolve_device
+
+PRECISIONS = ("32", "bf16")
+
+
+def _positive(cfg: DictConfig, key: str, integer: bool = False, optional: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{key} must be {what}, got {value!r}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raises `ConfigError` for the first value that cannot work."""
+    missing = [k for k in ("model", "loss", "optimizer", "scheduler", "data", "trainer")
+               if k not in cfg]
+    if missing:
+        raise ConfigError(f"config has no {missing[0]!r} section; pick one, e.g. {missing[0]}=...")
+    for key in OmegaConf.to_container(cfg.data, resolve=False):
+        if OmegaConf.is_missing(cfg.data, key):
+            raise ConfigError(f"data.{key} is required: add data.{key}=... to the command")
+
+    _positive(cfg, "optimizer.lr")
+    _positive(cfg, "data.batch_size", integer=True)
+    _positive(cfg, "trainer.max_epochs", integer=True)
+    _positive(cfg, "trainer.max_steps", integer=True, optional=True)
+    _positive(cfg, "trainer.log_every_n_steps", integer=True)
+    _positive(cfg, "trainer.val_every_n_steps", integer=True, optional=True)
+    _positive(cfg, "trainer.checkpoint_every_n_steps", integer=True, optional=True)
+    _positive(cfg, "trainer.accumulate_grad_batches", integer=True)
+    _positive(cfg, "trainer.grad_clip_norm", optional=True)
+
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ConfigError(
+            f"trainer.precision must be one of {', '.join(PRECISIONS)}, "
+            f"got {cfg.trainer.precision!r}"
+        )
+    resolve_device(str(cfg.trainer.device))
+
+    reg = cfg.regularization
+    if (reg.l2 is None) == (reg.C is None):
+        raise ConfigError(
+            "set exactly one of regularization.l2 (λ) and regularization.C, the other to null; "
+            f"got l2={reg.l2}, C={reg.C}"
+        )
+    if reg.C is not None:
+        _positive(cfg, "regularization.C")
+    elif not isinstance(reg.l2, int | float) or reg.l2 < 0:
+        raise ConfigError(f"regularization.l2 must be a number >= 0, got {reg.l2!r}")
+
+    for key in ("train_path", "val_path"):
+        path = cfg.data.get(key)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"data.{key}: no such file: {path}")
+
+
+def l2_strength(reg: DictConfig, n_train: int) -> float:
+    """λ of `mean loss + λ/2·‖w‖²`. LIBLINEAR's C (objective `C·Σ loss + ½‖w‖²`) is the same
+    problem scaled by C·n, so λ = 1/(C·n)."""
+    return float(reg.l2) if reg.C is None else 1.0 / (reg.C * n_train)

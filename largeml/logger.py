@@ -1,0 +1,61 @@
+"""The run's record: TensorBoard scalars as training goes, then hyperparameters with their final
+metrics and `metrics.json`, all in the run directory."""
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+HParamValue = bool | int | float | str
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.writer = SummaryWriter(log_dir=str(run_dir))
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+
+    def write_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Replaces `metrics.json` atomically: a reader never sees half a file."""
+        path = self.run_dir / "metrics.json"
+        tmp = path.with_name(".metrics.json.tmp")
+        tmp.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+
+    def finish(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], step: int) -> None:
+        """Records the final metrics and the hyperparameters that produced them.
+
+        `SummaryWriter.add_hparams` would open a second run in a sub-directory; writing the three
+        HParams summaries into this run's own file keeps one run per directory, and logging the
+        final metrics as scalars at the last step gives the HParams tab their real values.
+        """
+        self.log(metrics, step)
+        for summary in hparams_summary(dict(hparams), dict(metrics)):
+            self.writer.file_writer.add_summary(summary)
+        self.write_metrics(metrics)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValue]:
+    """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values TensorBoard cannot show as
+    numbers (None, lists) become strings."""
+    flat: dict[str, HParamValue] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, bool | int | float | str):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat

@@ -1,0 +1,65 @@
+"""`python -m largeml.train [overrides]`: compose the config, build the parts, fit.
+
+The config tree is in `configs/`; `train.yaml` lists the groups and their defaults.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from largeml.config import l2_strength, validate
+from largeml.errors import LargemlError
+from largeml.logger import flatten
+from largeml.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
+    """Trains as `cfg` says, writing everything into `run_dir`; returns the final metrics."""
+    validate(cfg)
+    torch.manual_seed(cfg.seed)
+    data = instantiate(cfg.data)
+    log.info("data: %s", data.description)
+    model = instantiate(cfg.model, n_features=data.n_features)
+    l2 = l2_strength(cfg.regularization, data.train.n_rows)
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    hparams = {**flatten(config), **(choices or {}), "regularization.lambda": l2}
+    trainer = Trainer(
+        model=model,
+        data=data,
+        loss_fn=instantiate(cfg.loss),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler),
+        l2=l2,
+        run_dir=run_dir,
+        config=config,
+        hparams=hparams,
+        **cfg.trainer,
+    )
+    return trainer.fit()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    runtime = HydraConfig.get().runtime
+    choices = {f"choice.{k}": v for k, v in runtime.choices.items() if not k.startswith("hydra")}
+    try:
+        run(cfg, Path(runtime.output_dir), choices)
+    except LargemlError as err:
+        log.error("%s", err)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
