@@ -1,11 +1,14 @@
 """Checks a composed config before any data or device is touched, naming the key at fault."""
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from largeml.errors import ConfigError
-from largeml.trainer import resolve_device
+from largeml.trainer import Trainer, resolve_device
 
 PRECISIONS = ("32", "bf16")
 
@@ -20,18 +23,48 @@ def _positive(cfg: DictConfig, key: str, integer: bool = False, optional: bool =
         raise ConfigError(f"{key} must be {what}, got {value!r}")
 
 
+def _known_keys(cfg: DictConfig, section: str, target: Callable, runtime: set[str]) -> None:
+    """Every key of `section` must be an argument of `target`; `runtime` ones are passed in code."""
+    parameters = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    allowed = set(parameters) - runtime - {"self"}
+    for key in cfg[section]:
+        if not key.startswith("_") and key not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no settings"
+            name = getattr(target, "__qualname__", target)
+            raise ConfigError(f"{section}.{key} is not a setting of {section} ({name}); "
+                              f"it takes: {takes}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raises `ConfigError` for the first value that cannot work."""
     missing = [k for k in ("model", "loss", "optimizer", "scheduler", "data", "trainer")
                if k not in cfg]
     if missing:
         raise ConfigError(f"config has no {missing[0]!r} section; pick one, e.g. {missing[0]}=...")
+    for section, runtime in (
+        ("model", {"n_features"}),
+        ("optimizer", {"params"}),
+        ("scheduler", {"optimizer", "total_steps", "l2"}),
+        ("data", set()),
+        ("loss", {"scores", "targets"}),
+    ):
+        try:
+            target = get_object(cfg[section]._target_)
+        except Exception as err:
+            raise ConfigError(f"{section}._target_: cannot import {cfg[section]._target_}: {err}")
+        _known_keys(cfg, section, target, runtime)
+    _known_keys(cfg, "trainer", Trainer.__init__, {
+        "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "run_dir", "config", "hparams"})
+
     for key in OmegaConf.to_container(cfg.data, resolve=False):
         if OmegaConf.is_missing(cfg.data, key):
             raise ConfigError(f"data.{key} is required: add data.{key}=... to the command")
 
     _positive(cfg, "optimizer.lr")
     _positive(cfg, "data.batch_size", integer=True)
+    _positive(cfg, "data.n_features", integer=True, optional=True)
     _positive(cfg, "trainer.max_epochs", integer=True)
     _positive(cfg, "trainer.max_steps", integer=True, optional=True)
     _positive(cfg, "trainer.log_every_n_steps", integer=True)

@@ -33,6 +33,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     l2 = l2_strength(cfg.regularization, data.train.n_rows)
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     hparams = {**flatten(config), **(choices or {}), "regularization.lambda": l2}
     trainer = Trainer(

@@ -209,7 +209,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "config": self.config,
-            "versions": {"largeml": largeml.__version__, "torch": torch.__version__},
+            "versions": {"largeml": largeml.__version__, "torch": str(torch.__version__)},
         }
         save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
 
