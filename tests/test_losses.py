@@ -1,0 +1,66 @@
+"""Per-sample losses against hand-computed values, labels in {0, 1}."""
+
+import math
+
+import pytest
+import torch
+
+from largeml.losses import bce, hinge, squared_hinge
+
+# (score, label): t = 2y - 1, margin m = t * s
+SCORES = torch.tensor([0.5, -2.0, 2.0, 2.0, -0.5])
+LABELS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+HINGE = [0.5, 0.0, 3.0, 0.0, 1.5]
+
+
+def test_hinge_hand_values() -> None:
+    torch.testing.assert_close(hinge(SCORES, LABELS), torch.tensor(HINGE))
+
+
+def test_squared_hinge_hand_values() -> None:
+    expected = torch.tensor([h * h for h in HINGE])  # 0.25, 0, 9, 0, 2.25
+    torch.testing.assert_close(squared_hinge(SCORES, LABELS), expected)
+
+
+def test_bce_hand_values() -> None:
+    scores = torch.tensor([0.0, 0.0, 2.0, -1.0, 3.0])
+    labels = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0])
+    expected = torch.tensor(
+        [
+            math.log(2),
+            math.log(2),
+            math.log(1 + math.exp(-2.0)),  # y=1: log(1 + e^{-s})
+            math.log(1 + math.exp(1.0)),
+            math.log(1 + math.exp(3.0)),  # y=0: log(1 + e^{s})
+        ]
+    )
+    torch.testing.assert_close(bce(scores, labels), expected)
+
+
+def test_bce_is_stable_for_large_scores() -> None:
+    losses = bce(torch.tensor([100.0, -100.0]), torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(losses, torch.tensor([100.0, 100.0]))
+
+
+@pytest.mark.parametrize("loss", [bce, hinge, squared_hinge])
+def test_losses_are_per_sample(loss) -> None:
+    scores = torch.randn(3, 4)
+    labels = (torch.rand(3, 4) > 0.5).float()
+    assert loss(scores, labels).shape == (3, 4)
+    assert loss(scores[0], labels[0]).shape == (4,)
+
+
+def test_hinge_gradient_is_the_subgradient() -> None:
+    scores = torch.tensor([0.5, 2.0, 2.0, -2.0], requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    hinge(scores, labels).sum().backward()
+    # Inside the margin d/ds = -t; outside it the loss is flat.
+    torch.testing.assert_close(scores.grad, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_squared_hinge_gradient() -> None:
+    scores = torch.tensor([0.5, 2.0, 2.0], requires_grad=True)
+    labels = torch.tensor([1.0, 0.0, 1.0])
+    squared_hinge(scores, labels).sum().backward()
+    # d/ds (1 - t s)^2 = -2 t (1 - t s): -2*0.5, +2*3, 0
+    torch.testing.assert_close(scores.grad, torch.tensor([-1.0, 6.0, 0.0]))
