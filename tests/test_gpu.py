@@ -1,0 +1,40 @@
+"""The CUDA path: skipped cleanly where PyTorch sees no GPU."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL, run_cli
+from largeml.checkpoint import load_checkpoint
+from largeml.trainer import resolve_device
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_auto_picks_cuda():
+    assert resolve_device("auto").type == "cuda"
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+@pytest.mark.parametrize("model", ["logreg", "svm", "mlp"])
+def test_train_on_cuda(tmp_path, model, precision):
+    run_dir = tmp_path / "run"
+    result = run_cli(f"hydra.run.dir={run_dir}", *SMALL, f"model={model}", "trainer.device=cuda",
+                     f"trainer.precision={precision}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "training on cuda" in result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["val/accuracy"] > 0.75
+    checkpoint = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
+
+
+def test_a9a_on_cuda_matches_cpu_accuracy(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(f"hydra.run.dir={run_dir}", "data=a9a", "trainer.device=cuda", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["val/accuracy"] >= 0.845
