@@ -63,7 +63,12 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+def penalised_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters L2 regularisation applies to: weight matrices, not biases (as in
+    scikit-learn and LIBLINEAR without its bias feature)."""
+    return [p for p in model.parameters() if p.ndim >= 2]
+
+
 def l2_penalty(model: nn.Module) -> Tensor:
-    """½‖w‖² over the weight matrices; biases are not penalised (as in scikit-learn)."""
-    weights = [p for p in model.parameters() if p.ndim >= 2]
-    return 0.5 * sum(w.pow(2).sum() for w in weights)
+    """½‖w‖² over `penalised_weights`."""
+    return 0.5 * sum(w.pow(2).sum() for w in penalised_weights(model))

@@ -26,7 +26,7 @@ from largeml.data import BatchDataset, DataModule
 from largeml.errors import ConfigError
 from largeml.logger import HParamValue, RunLogger
 from largeml.metrics import accuracy, roc_auc
-from largeml.models import l2_penalty
+from largeml.models import penalised_weights
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class Trainer:
         self.total_steps = max_epochs * self.steps_per_epoch
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
+        self.penalised = penalised_weights(self.model)
         self.optimizer = optimizer(self.model.parameters())
         self.scheduler = scheduler(self.optimizer, total_steps=self.total_steps, l2=l2)
         self.logger = RunLogger(run_dir)
@@ -145,23 +146,25 @@ class Trainer:
         return final
 
     def train_step(self, batches: list[Batch]) -> Tensor:
-        """One optimizer step on the mean loss over all rows of `batches` (gradient
+        """One optimizer step on mean loss + λ/2·‖w‖² over all rows of `batches` (gradient
         accumulation: the same update as one batch of all those rows). Returns the summed
         per-row loss, detached."""
         self.model.train()
         rows = sum(len(y) for _, y in batches)
         total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
+        for x, y in batches:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             with self._autocast():
                 scores = self.model(x)
             losses = self.loss_fn(scores.float(), y)
-            objective = losses.sum() / rows
-            if i == 0 and self.l2 > 0:
-                objective = objective + self.l2 * l2_penalty(self.model)
-            objective.backward()
+            (losses.sum() / rows).backward()
             total += losses.detach().sum()
+        if self.l2 > 0:
+            # The gradient of λ/2·‖w‖² is λ·w. Added directly it costs one op per weight
+            # matrix; through autograd it took a quarter of a small model's step.
+            for w in self.penalised:
+                w.grad.add_(w.detach(), alpha=self.l2)
         if self.grad_clip_norm:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
         self.optimizer.step()
