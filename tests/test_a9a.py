@@ -11,6 +11,8 @@ from largeml.checkpoint import load_checkpoint
 from largeml.data import a9a
 from largeml.train import run
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("model", ["logreg", "svm"])
 def test_a9a_accuracy_matches_liblinear(compose_config, tmp_path, model):

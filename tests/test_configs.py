@@ -47,6 +47,7 @@ def test_svm_defaults_to_hinge_and_loss_override_wins(compose_config):
     assert compose_config("model=mlp").loss._target_ == "largeml.losses.bce"
 
 
+@pytest.mark.slow
 def test_default_run_reaches_the_true_hyperplanes_accuracy(compose_config, tmp_path, caplog):
     """`python -m largeml.train` as shipped: the learned model must classify the validation rows
     nearly as well as the hyperplane that generated the labels."""
