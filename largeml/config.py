@@ -53,7 +53,9 @@ def validate(cfg: DictConfig) -> None:
         try:
             target = get_object(cfg[section]._target_)
         except Exception as err:
-            raise ConfigError(f"{section}._target_: cannot import {cfg[section]._target_}: {err}")
+            raise ConfigError(
+                f"{section}._target_: cannot import {cfg[section]._target_}: {err}"
+            ) from err
         _known_keys(cfg, section, target, runtime)
     _known_keys(cfg, "trainer", Trainer.__init__, {
         "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "run_dir", "config", "hparams"})

@@ -29,15 +29,19 @@ class RunLogger:
         tmp.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)
 
-    def finish(self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], step: int) -> None:
+    def finish(
+        self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], step: int
+    ) -> None:
         """Records the final metrics and the hyperparameters that produced them.
 
         `SummaryWriter.add_hparams` would open a second run in a sub-directory; writing the three
         HParams summaries into this run's own file keeps one run per directory, and logging the
         final metrics as scalars at the last step gives the HParams tab their real values.
+        Metrics named `group/name` go to TensorBoard; counters such as `step` only to the JSON.
         """
-        self.log(metrics, step)
-        for summary in hparams_summary(dict(hparams), dict(metrics)):
+        scalars = {name: value for name, value in metrics.items() if "/" in name}
+        self.log(scalars, step)
+        for summary in hparams_summary(dict(hparams), scalars):
             self.writer.file_writer.add_summary(summary)
         self.write_metrics(metrics)
         self.writer.flush()
@@ -48,10 +52,12 @@ class RunLogger:
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValue]:
     """{"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}; values TensorBoard cannot show as
-    numbers (None, lists) become strings."""
+    numbers (None, lists) become strings; Hydra's `_partial_` flags are left out."""
     flat: dict[str, HParamValue] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
+        if key == "_partial_":
+            continue
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         elif isinstance(value, bool | int | float | str):

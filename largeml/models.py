@@ -6,7 +6,6 @@ Models know nothing of devices, losses, optimizers or logging.
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {

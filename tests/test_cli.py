@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import SMALL, run_cli
 from largeml.checkpoint import load_checkpoint
 from largeml.models import MLP, Linear
 
@@ -73,7 +73,10 @@ def test_train_writes_the_run_directory(tmp_path, overrides, model_class, loss):
         assert series[-1].value == pytest.approx(metrics[name], rel=1e-6)
     assert len(events.Scalars("val/accuracy")) >= 2  # once per epoch at least
 
+    assert "step" not in events.Tags()["scalars"]  # counters stay in metrics.json
+
     hparams, metric_tags = hparams_of(events)
+    assert not any(key.endswith("_partial_") for key in hparams)
     assert hparams["optimizer.lr"] == pytest.approx(0.01 if "optimizer=adam" in overrides else 0.1)
     assert hparams["choice.loss"] == loss
     assert set(METRICS) <= set(metric_tags)
@@ -91,7 +94,8 @@ def test_default_run_goes_under_outputs(tmp_path):
     [
         (["model=forest"], "model/forest"),
         (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number, got -0.1"),
-        (["data=libsvm", "data.train_path=missing.svm"], "data.train_path: no such file: missing.svm"),
+        (["data=libsvm", "data.train_path=missing.svm"],
+         "data.train_path: no such file: missing.svm"),
         (["data=libsvm"], "data.train_path is required"),
         (["trainer.precision=16"], "trainer.precision must be one of 32, bf16"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer"),

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SMALL
+
 from largeml.checkpoint import load_checkpoint
 from largeml.data.sources import A9A_DIR
 from largeml.errors import ConfigError

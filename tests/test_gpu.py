@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import SMALL, run_cli
+
 from largeml.checkpoint import load_checkpoint
 from largeml.trainer import resolve_device
 

@@ -2,12 +2,10 @@
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import REPO
+from omegaconf import OmegaConf
 
 README = (REPO / "README.md").read_text()
 

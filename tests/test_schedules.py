@@ -41,7 +41,7 @@ def test_cosine_from_lr_to_min_ratio() -> None:
     assert lrs[0] == pytest.approx(LR)
     assert lrs[50] == pytest.approx(0.1 * LR + 0.9 * LR / 2)
     assert lrs[100] == pytest.approx(0.1 * LR)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
 
 
 def test_cosine_half_way_is_half_lr() -> None:

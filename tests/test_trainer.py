@@ -40,7 +40,7 @@ def test_step_follows_the_gradient_of_mean_loss_plus_l2(tmp_path, loss_fn, make_
     expected_grads = torch.autograd.grad(objective, list(model.parameters()))
     trainer.train_step([(x, y)])  # plain SGD with lr 1: p ← p − ∇
 
-    for p, p0, g in zip(model.parameters(), before, expected_grads):
+    for p, p0, g in zip(model.parameters(), before, expected_grads, strict=True):
         torch.testing.assert_close(p.detach(), p0 - g, rtol=1e-5, atol=1e-6)
     trainer.logger.close()
 
@@ -54,7 +54,7 @@ def test_accumulated_step_weights_every_row_equally(tmp_path):
     expected = torch.autograd.grad(losses.bce(model(x), y).mean(), list(model.parameters()))
     before = [p.detach().clone() for p in model.parameters()]
     total = trainer.train_step(parts)
-    for p, p0, g in zip(model.parameters(), before, expected):
+    for p, p0, g in zip(model.parameters(), before, expected, strict=True):
         torch.testing.assert_close(p.detach(), p0 - g)
     assert total.item() == pytest.approx(losses.bce(torch.zeros(40), y).sum().item(), rel=1e-6)
     trainer.logger.close()
