@@ -1,0 +1,288 @@
+"""The on-disk dataset format: a directory of `.npy` shards plus `index.json`.
+
+    dataset/
+      index.json          what is below, with per-file sizes and CRC-32 checksums
+      y-00000.npy         float32 (rows,): labels, already normalised to {0, 1}
+      x-00000.npy         dense:  float32 (rows, n_features), row-major
+      indptr-00000.npy    sparse: int64 (rows + 1,), starting at 0 in every shard
+      indices-00000.npy   sparse: int32 (nnz,), 0-based feature indices
+      values-00000.npy    sparse: float32 (nnz,)
+
+Every file is a plain `.npy` array (`np.load(path, mmap_mode="r")` reads it), so a shard can be
+inspected without largeml. A dataset is complete exactly when `index.json` exists: the writer
+fills a hidden sibling directory and renames it into place only after the index is written and
+synced, so a killed conversion never leaves a directory that looks finished.
+"""
+
+import json
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from largeml.errors import DataError
+
+FORMAT = "largeml-shards"
+VERSION = 1
+INDEX = "index.json"
+LAYOUTS = ("dense", "sparse")
+FILES = {"dense": ("y", "x"), "sparse": ("y", "indptr", "indices", "values")}
+DTYPES = {"y": np.float32, "x": np.float32, "indptr": np.int64, "indices": np.int32,
+          "values": np.float32}
+SHARD_BYTES = 64 << 20
+
+
+@dataclass
+class Shard:
+    rows: int
+    nnz: int
+    files: dict[str, dict[str, Any]]  # kind -> {"name", "bytes", "crc32"}
+
+
+@dataclass
+class ShardIndex:
+    """A prepared dataset, as described by its `index.json`."""
+
+    root: Path
+    layout: str
+    rows: int
+    n_features: int
+    nnz: int
+    label_counts: dict[str, int]
+    shards: list[Shard]
+    source: dict[str, Any]
+
+    def path(self, shard: Shard, kind: str) -> Path:
+        return self.root / shard.files[kind]["name"]
+
+
+class _CrcWriter:
+    """A write-only file wrapper that checksums what passes through it."""
+
+    def __init__(self, file) -> None:
+        self.file, self.crc, self.bytes = file, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.crc = zlib.crc32(view, self.crc)
+        self.bytes += len(view)
+        return self.file.write(view)
+
+
+class ShardWriter:
+    """Writes rows into a new shard directory; use as a context manager.
+
+    Rows are buffered until a shard holds about `shard_bytes`, so memory stays bounded whatever
+    the input size. On an exception the partial directory is removed.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        layout: str,
+        n_features: int | None = None,
+        shard_bytes: int = SHARD_BYTES,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout == "dense" and not n_features:
+            raise ValueError("a dense layout needs n_features up front")
+        self.out_dir = Path(out_dir)
+        self.layout = layout
+        self.n_features = n_features
+        self.shard_bytes = shard_bytes
+        self.source = source or {}
+        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.partial-{os.getpid()}")
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self.tmp_dir.mkdir(parents=True)
+        self.shards: list[Shard] = []
+        self.label_counts = {"0": 0, "1": 0}
+        self.width = 0  # highest feature index seen + 1
+        self._pending: list[tuple[np.ndarray, ...]] = []
+        self._pending_bytes = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+    def write_dense(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Appends rows: `x` float32 (n, n_features), `y` labels in {0, 1}."""
+        assert self.layout == "dense" and x.shape == (len(y), self.n_features), x.shape
+        self._count_labels(y)
+        self._pending.append((np.ascontiguousarray(y, np.float32),
+                              np.ascontiguousarray(x, np.float32)))
+        self._add_pending(x.nbytes + 4 * len(y))
+
+    def write_sparse(
+        self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, y: np.ndarray
+    ) -> None:
+        """Appends rows in CSR form: row i's non-zeros are `indices[indptr[i] - indptr[0] :
+        indptr[i + 1] - indptr[0]]` (0-based features) and the same slice of `values`."""
+        assert self.layout == "sparse" and len(indptr) == len(y) + 1
+        assert len(indices) == len(values) == indptr[-1] - indptr[0]
+        self._count_labels(y)
+        indices = np.asarray(indices, np.int32)
+        if len(indices):
+            self.width = max(self.width, int(indices.max()) + 1)
+        self._pending.append((np.asarray(y, np.float32), np.asarray(indptr, np.int64) - indptr[0],
+                              indices, np.asarray(values, np.float32)))
+        self._add_pending(8 * len(indptr) + 8 * len(indices) + 4 * len(y))
+
+    def close(self) -> ShardIndex:
+        """Writes the last shard and the index, then moves the directory into place."""
+        self._flush()
+        n_features = self.n_features or self.width
+        if self.n_features and self.width > self.n_features:
+            raise DataError(f"feature index {self.width} exceeds n_features={self.n_features}")
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "layout": self.layout,
+            "rows": sum(s.rows for s in self.shards),
+            "n_features": n_features,
+            "dtype": "float32",
+            "nnz": sum(s.nnz for s in self.shards),
+            "label_counts": self.label_counts,
+            "shards": [{"rows": s.rows, "nnz": s.nnz, "files": s.files} for s in self.shards],
+            "source": self.source,
+        }
+        _write_synced(self.tmp_dir / INDEX, json.dumps(index, indent=1).encode())
+        _fsync_dir(self.tmp_dir)
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        os.replace(self.tmp_dir, self.out_dir)
+        _fsync_dir(self.out_dir.parent)
+        return open_shards(self.out_dir)
+
+    def _count_labels(self, y: np.ndarray) -> None:
+        ones = int(np.count_nonzero(y == 1))
+        if ones + int(np.count_nonzero(y == 0)) != len(y):
+            raise DataError(f"labels must be 0 or 1 after normalisation, got {np.unique(y)[:10]}")
+        self.label_counts["1"] += ones
+        self.label_counts["0"] += len(y) - ones
+
+    def _add_pending(self, nbytes: int) -> None:
+        self._pending_bytes += nbytes
+        if self._pending_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        kinds = FILES[self.layout]
+        if self.layout == "dense":
+            arrays = {kind: np.concatenate([p[i] for p in self._pending])
+                      for i, kind in enumerate(kinds)}
+        else:
+            offsets = np.cumsum([0] + [int(p[1][-1]) for p in self._pending[:-1]])
+            arrays = {
+                "y": np.concatenate([p[0] for p in self._pending]),
+                "indptr": np.concatenate(
+                    [[0]] + [p[1][1:] + off for p, off in zip(self._pending, offsets, strict=True)]
+                ).astype(np.int64),
+                "indices": np.concatenate([p[2] for p in self._pending]),
+                "values": np.concatenate([p[3] for p in self._pending]),
+            }
+        self._pending, self._pending_bytes = [], 0
+        number = len(self.shards)
+        files = {}
+        for kind in kinds:
+            name = f"{kind}-{number:05d}.npy"
+            with open(self.tmp_dir / name, "wb") as f:
+                writer = _CrcWriter(f)
+                np.lib.format.write_array(writer, arrays[kind], allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            files[kind] = {"name": name, "bytes": writer.bytes, "crc32": writer.crc}
+        nnz = len(arrays["indices"]) if self.layout == "sparse" else 0
+        self.shards.append(Shard(rows=len(arrays["y"]), nnz=nnz, files=files))
+
+
+def open_shards(root: str | Path, verify: bool = False) -> ShardIndex:
+    """Reads `root/index.json` and checks every shard file is there with the recorded size.
+
+    With `verify`, also recomputes each file's CRC-32 (reads every byte once).
+    """
+    root = Path(root)
+    index_path = root / INDEX
+    if not index_path.is_file():
+        hint = ("a conversion was interrupted" if root.is_dir() else "no such directory")
+        raise DataError(
+            f"{root}: not a prepared dataset ({INDEX} missing: {hint}); "
+            f"convert it with: python -m largeml.prepare input=... output={root}"
+        )
+    try:
+        meta = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(
+            f"{index_path}: unreadable index ({err}); prepare the dataset again"
+        ) from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise DataError(
+            f"{index_path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+            f"this largeml reads {FORMAT!r} version {VERSION}"
+        )
+    index = ShardIndex(
+        root=root,
+        layout=meta["layout"],
+        rows=meta["rows"],
+        n_features=meta["n_features"],
+        nnz=meta["nnz"],
+        label_counts=meta["label_counts"],
+        shards=[Shard(**s) for s in meta["shards"]],
+        source=meta.get("source", {}),
+    )
+    for shard in index.shards:
+        for kind, info in shard.files.items():
+            path = index.path(shard, kind)
+            size = path.stat().st_size if path.is_file() else None
+            if size != info["bytes"]:
+                found = "missing" if size is None else f"{size} bytes"
+                raise DataError(
+                    f"{path}: {found}, expected {info['bytes']} bytes per {INDEX}: the shard is "
+                    "damaged; prepare the dataset again"
+                )
+            if verify and _crc32(path) != info["crc32"]:
+                raise DataError(
+                    f"{path}: checksum mismatch (CRC-32 differs from {INDEX}): the shard is "
+                    "damaged; prepare the dataset again"
+                )
+    return index
+
+
+def data_offset(path: Path) -> int:
+    """Byte offset of the array data in a `.npy` file (after its header)."""
+    return np.load(path, mmap_mode="r").offset
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
