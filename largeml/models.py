@@ -2,10 +2,17 @@
 
 A score is a logit for logistic regression and a margin for the SVM; the loss decides which.
 Models know nothing of devices, losses, optimizers or logging.
+
+Every model takes either a dense float batch (rows, n_features) or a sparse CSR batch
+`torch.sparse_csr_tensor(crow_indices, col_indices, values, size=(rows, n_features))`; see
+`first_layer`. A sparse batch is never densified, so memory follows its non-zeros.
 """
 
 from collections.abc import Sequence
+from itertools import islice
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -14,6 +21,46 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
     "silu": nn.SiLU,
 }
+
+
+def first_layer(x: Tensor, linear: nn.Linear) -> Tensor:
+    """`linear(x)` -> (rows, out_features) for a dense batch or a sparse CSR batch.
+
+    A CSR row's score is Σ values · weight[:, cols], computed from the non-zeros alone. The
+    weight gradient is dense (the optimizers and the Trainer's L2 term expect that): one
+    weight-sized tensor, 5.4 MB for logistic regression on 1.35 M features.
+    """
+    if x.layout != torch.sparse_csr:
+        return linear(x)
+    if x.dim() != 2 or x.shape[1] != linear.in_features:
+        raise ValueError(
+            f"sparse batch of shape {tuple(x.shape)} does not fit a first layer of "
+            f"{linear.in_features} features; build the model with n_features={x.shape[-1]}"
+        )
+    crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
+    if linear.out_features == 1:
+        # Gather, multiply, sum each row's segment. Measured 10x faster forward+backward than
+        # embedding_bag (4096 rows × 500 non-zeros, 1.35 M features: 16 vs 184 ms), whose
+        # backward sorts every index; the gather's backward is one index_add.
+        gathered = linear.weight[0].index_select(0, cols) * values
+        out = torch.segment_reduce(gathered, "sum", offsets=crow).unsqueeze(-1)
+    else:
+        # embedding_bag reads weight.t() as a table of n_features rows. That table is
+        # contiguous only if the weight is stored column-major (`column_major`); with nn.Linear's
+        # row-major weight it is still correct but ~40x slower (strided reads of every row).
+        out = F.embedding_bag(
+            cols, linear.weight.t(), offsets=crow[:-1], per_sample_weights=values, mode="sum"
+        )
+    return out if linear.bias is None else out + linear.bias
+
+
+def column_major(linear: nn.Linear) -> nn.Linear:
+    """Stores `linear.weight` column-major: same values, shape and state_dict entry
+    (out_features, in_features), but weight.t() is contiguous, as `first_layer` wants for a
+    sparse batch. Dense batches are unaffected (matmul reads either layout), and gradients,
+    optimizer state, `.to(device)` and `load_state_dict` all keep the parameter's layout."""
+    linear.weight = nn.Parameter(linear.weight.detach().t().contiguous().t())
+    return linear
 
 
 class Linear(nn.Module):
@@ -30,7 +77,7 @@ class Linear(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear(x).squeeze(-1)
+        return first_layer(x, self.linear).squeeze(-1)
 
 
 class MLP(nn.Module):
@@ -56,10 +103,14 @@ class MLP(nn.Module):
                 layers.append(nn.Dropout(dropout))
             width = size
         layers.append(nn.Linear(width, 1))
+        column_major(layers[0])
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)
+        x = first_layer(x, self.net[0])
+        for layer in islice(self.net, 1, None):
+            x = layer(x)
+        return x.squeeze(-1)
 
 
 def penalised_weights(model: nn.Module) -> list[nn.Parameter]:
