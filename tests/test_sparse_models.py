@@ -74,7 +74,8 @@ def test_sparse_scores_and_gradients_match_dense(name: str, index_dtype: torch.d
     dense_scores, dense_grads = scores_and_grads(x.to_dense())
     assert sparse_scores.shape == (32,)
     torch.testing.assert_close(sparse_scores, dense_scores)
-    for (pname, _), sparse, dense in zip(model.named_parameters(), sparse_grads, dense_grads):
+    named = model.named_parameters()
+    for (pname, _), sparse, dense in zip(named, sparse_grads, dense_grads, strict=True):
         assert sparse.shape == dense.shape, pname
         torch.testing.assert_close(sparse, dense, msg=f"gradient of {pname}")
 
