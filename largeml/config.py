@@ -47,7 +47,7 @@ def validate(cfg: DictConfig) -> None:
         ("model", {"n_features"}),
         ("optimizer", {"params"}),
         ("scheduler", {"optimizer", "total_steps", "l2"}),
-        ("data", set()),
+        ("data", {"rank", "world_size"}),
         ("loss", {"scores", "targets"}),
     ):
         try:

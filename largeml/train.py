@@ -30,7 +30,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     data = instantiate(cfg.data)
     log.info("data: %s", data.description)
     model = instantiate(cfg.model, n_features=data.n_features)
-    l2 = l2_strength(cfg.regularization, data.train.n_rows)
+    l2 = l2_strength(cfg.regularization, data.n_train)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)

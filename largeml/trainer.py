@@ -221,7 +221,8 @@ class Trainer:
     def _loader(self, dataset: BatchDataset) -> DataLoader:
         # Items are whole batches (batch_size=None); pinned host memory lets the copy to the
         # GPU run asynchronously (non_blocking=True above).
-        return DataLoader(dataset, batch_size=None, pin_memory=self.device.type == "cuda")
+        return DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
+                          pin_memory=self.device.type == "cuda")
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -1,13 +1,14 @@
 """Data sources (`synthetic`, `a9a`, `libsvm`) and the batch datasets the Trainer streams."""
 
 from largeml.data.batches import BatchDataset, DataModule, InMemoryBatches
-from largeml.data.sources import a9a, libsvm, normalize_labels, synthetic
+from largeml.data.sources import a9a, files, libsvm, normalize_labels, synthetic
 
 __all__ = [
     "BatchDataset",
     "DataModule",
     "InMemoryBatches",
     "a9a",
+    "files",
     "libsvm",
     "normalize_labels",
     "synthetic",

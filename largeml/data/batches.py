@@ -71,6 +71,8 @@ class DataModule:
     val: BatchDataset | None
     n_features: int
     description: str
+    n_train: int  # training rows in all, over every rank
+    num_workers: int = 0  # DataLoader worker processes per rank
     # Validation accuracy of a known reference classifier, where there is one (the true
     # hyperplane of synthetic data): what a well-trained model should come close to.
     reference_accuracy: float | None = None

@@ -14,6 +14,8 @@ from torch import Tensor
 
 from largeml.data.batches import DataModule, InMemoryBatches
 from largeml.data.libsvm import read_libsvm
+from largeml.data.shards import ShardIndex, open_shards
+from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ def _module(
         val=None if val is None else InMemoryBatches(*val, EVAL_BATCH_SIZE, shuffle=False),
         n_features=train[0].shape[1],
         description=description,
+        n_train=len(train[1]),
     )
 
 
@@ -146,3 +149,59 @@ def a9a(batch_size: int = 256, seed: int = 0) -> DataModule:
     )
     module.description = "a9a (UCI Adult, CC BY 4.0): 32561 train, 16281 val rows x 123"
     return module
+
+
+def _prepared(path: str, key: str, format: str, cache_dir: str, **options) -> ShardIndex:
+    """A prepared directory as it is, or a raw file converted once into `cache_dir`."""
+    from largeml.data.convert import cached
+
+    if format == "shards" or Path(path).is_dir():
+        return open_shards(path)
+    if not Path(path).is_file():
+        raise DataError(f"{key}: no such file or directory: {path}")
+    return cached(path, Path(cache_dir).expanduser(), format=format, **options)
+
+
+def files(
+    train_path: str,
+    val_path: str | None = None,
+    format: str = "auto",
+    n_features: int | None = None,
+    labels: str | None = None,
+    val_labels: str | None = None,
+    label_column: str = "label",
+    cache_dir: str = "~/.cache/largeml",
+    batch_size: int = 1024,
+    shuffle_blocks: int = 16,
+    num_workers: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataModule:
+    """Streams training (and validation) rows from disk with bounded memory.
+
+    Each path is a prepared shard directory (`python -m largeml.prepare`) or a raw LIBSVM, CSV
+    or `.npy` file, converted on first use into `cache_dir` under a key of the file's identity
+    (path, size, modification time), so later runs start at once.
+    """
+    options = {"n_features": n_features, "label_column": label_column}
+    train = _prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
+    val = None if val_path is None else _prepared(
+        val_path, "data.val_path", format, cache_dir, labels=val_labels, **options)
+    if val is not None and (
+        val.n_features > train.n_features
+        or (train.layout == "dense" and val.n_features != train.n_features)
+    ):
+        raise DataError(
+            f"data.val_path {val_path} has {val.n_features} features but data.train_path "
+            f"{train_path} has {train.n_features}; give both data.n_features, or files of one width"
+        )
+    stream = ShardStream(train, batch_size, shuffle=True, seed=seed,
+                         shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
+    if val is not None:
+        val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size)
+    description = f"{train.layout} shards {train.root}: {train.rows} rows x {train.n_features}"
+    if val is not None:
+        description += f", validation {val.index.rows} rows"
+    return DataModule(train=stream, val=val, n_features=train.n_features,
+                      description=description, n_train=train.rows, num_workers=num_workers)
