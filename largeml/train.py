@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -23,13 +24,24 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
+def build(config: DictConfig, **runtime):
+    """`instantiate`, except that our own errors (a bad file, a bad value) reach the user as
+    themselves rather than wrapped in Hydra's InstantiationException."""
+    try:
+        return instantiate(config, **runtime)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, LargemlError):
+            raise err.__cause__ from None
+        raise
+
+
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
     """Trains as `cfg` says, writing everything into `run_dir`; returns the final metrics."""
     validate(cfg)
     torch.manual_seed(cfg.seed)
-    data = instantiate(cfg.data)
+    data = build(cfg.data)
     log.info("data: %s", data.description)
-    model = instantiate(cfg.model, n_features=data.n_features)
+    model = build(cfg.model, n_features=data.n_features)
     l2 = l2_strength(cfg.regularization, data.n_train)
 
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -39,9 +51,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     trainer = Trainer(
         model=model,
         data=data,
-        loss_fn=instantiate(cfg.loss),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler),
+        loss_fn=build(cfg.loss),
+        optimizer=build(cfg.optimizer),
+        scheduler=build(cfg.scheduler),
         l2=l2,
         run_dir=run_dir,
         config=config,
