@@ -95,8 +95,8 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"data.{key}: no such file: {path}")
+        if path is not None and not Path(path).exists():
+            raise ConfigError(f"data.{key}: no such file or directory: {path}")
 
 
 def l2_strength(reg: DictConfig, n_train: int) -> float:

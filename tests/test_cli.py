@@ -95,7 +95,7 @@ def test_default_run_goes_under_outputs(tmp_path):
         (["model=forest"], "model/forest"),
         (["optimizer.lr=-0.1"], "optimizer.lr must be a positive number, got -0.1"),
         (["data=libsvm", "data.train_path=missing.svm"],
-         "data.train_path: no such file: missing.svm"),
+         "data.train_path: no such file or directory: missing.svm"),
         (["data=libsvm"], "data.train_path is required"),
         (["trainer.precision=16"], "trainer.precision must be one of 32, bf16"),
         (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer"),

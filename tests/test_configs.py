@@ -30,8 +30,10 @@ def test_shipped_config_trains_a_few_steps(compose_config, tmp_path, group, choi
     overrides = [f"{group}={choice}", "trainer.max_steps=3"]
     if group != "data":
         overrides += SMALL
-    if choice == "libsvm":
-        overrides.append(f"data.train_path={A9A_DIR / 'a9a.t.gz'}")
+    if choice in ("libsvm", "files"):
+        overrides += [f"data.train_path={A9A_DIR / 'a9a.t.gz'}",
+                      f"data.val_path={A9A_DIR / 'a9a.t.gz'}",
+                      f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = compose_config(*overrides)
     metrics = run(cfg, tmp_path)
     assert metrics["step"] == 3

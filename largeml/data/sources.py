@@ -153,12 +153,12 @@ def a9a(batch_size: int = 256, seed: int = 0) -> DataModule:
 
 def _prepared(path: str, key: str, format: str, cache_dir: str, **options) -> ShardIndex:
     """A prepared directory as it is, or a raw file converted once into `cache_dir`."""
-    from largeml.data.convert import cached
-
     if format == "shards" or Path(path).is_dir():
         return open_shards(path)
     if not Path(path).is_file():
         raise DataError(f"{key}: no such file or directory: {path}")
+    from largeml.data.convert import cached  # only a raw file needs the converters
+
     return cached(path, Path(cache_dir).expanduser(), format=format, **options)
 
 
@@ -199,7 +199,8 @@ def files(
     stream = ShardStream(train, batch_size, shuffle=True, seed=seed,
                          shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
     if val is not None:
-        val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size)
+        val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size,
+                          n_features=train.n_features)
     description = f"{train.layout} shards {train.root}: {train.rows} rows x {train.n_features}"
     if val is not None:
         description += f", validation {val.index.rows} rows"

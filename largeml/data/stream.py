@@ -19,6 +19,7 @@ the number of batches done: `set_epoch(epoch, start_batch=k)` skips the first k 
 import bisect
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,18 +43,24 @@ class ShardStream(IterableDataset):
         shuffle_blocks: int = 16,
         rank: int = 0,
         world_size: int = 1,
+        n_features: int | None = None,
     ) -> None:
+        """`n_features` widens sparse batches beyond the data's own width, e.g. to the width of
+        the training set when a validation set lacks its last features."""
         self.index = root if isinstance(root, ShardIndex) else open_shards(root)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        row_bytes = 4 * (self.index.n_features + 1) if self.index.layout == "dense" else 4096
+        if self.index.layout == "dense":
+            row_bytes = 4 * (self.index.n_features + 1)
+        else:  # an int32 index and a float32 value per non-zero, a row pointer and a label
+            row_bytes = 8 * self.index.nnz / max(self.index.rows, 1) + 12
         self.shuffle_blocks = max(1, min(shuffle_blocks, BUFFER_BYTES // (batch_size * row_bytes)))
         self.n_rows = self.index.rows // world_size
         if self.n_rows == 0:
             raise ValueError(f"{self.index.root}: {self.index.rows} rows for {world_size} ranks")
         self.first_row = rank * self.n_rows
-        self.n_features = self.index.n_features
+        self.n_features = max(n_features or 0, self.index.n_features)
         self.sparse = self.index.layout == "sparse"
         self.n_blocks = math.ceil(self.n_rows / batch_size)
         self.shard_starts = np.cumsum([0] + [s.rows for s in self.index.shards]).tolist()
@@ -178,7 +185,8 @@ class _DenseReader:
 
 
 class _SparseReader:
-    """Reads CSR rows; yields `torch.sparse_csr_tensor` batches of shape (rows, n_features)."""
+    """Reads CSR rows; yields `torch.sparse_csr_tensor` batches of shape (rows, n_features)
+    with int32 row pointers and column indices."""
 
     def __init__(self, stream: ShardStream) -> None:
         self.stream = stream
@@ -201,7 +209,7 @@ class _SparseReader:
                 values.append(val)
                 labels.append(y)
         self.indptr = torch.from_numpy(np.concatenate(indptrs))
-        self.indices = torch.from_numpy(np.concatenate(indices).astype(np.int64))
+        self.indices = torch.from_numpy(np.concatenate(indices))
         self.values = torch.from_numpy(np.concatenate(values))
         self.y = torch.from_numpy(np.concatenate(labels))
         return len(self.y)
@@ -214,11 +222,15 @@ class _SparseReader:
         torch.cumsum(lengths, 0, out=crow[1:])
         # Position of each non-zero of the selected rows in the buffer's arrays.
         take = torch.repeat_interleave(begin - crow[:-1], lengths) + torch.arange(int(crow[-1]))
+        # int32 row pointers to match the int32 column indices (a batch holds < 2^31 non-zeros).
+        crow = crow.to(torch.int32)
         # Indices were range-checked when the shards were written; re-checking every batch
-        # would cost a pass over it.
-        x = torch.sparse_csr_tensor(crow, self.indices[take], self.values[take],
-                                    size=(len(rows), self.stream.n_features),
-                                    check_invariants=False)
+        # would cost a pass over it. PyTorch warns that CSR support is "beta" at each build.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            x = torch.sparse_csr_tensor(crow, self.indices[take], self.values[take],
+                                        size=(len(rows), self.stream.n_features),
+                                        check_invariants=False)
         return x, self.y[rows]
 
     def close(self) -> None:
