@@ -104,3 +104,17 @@ def test_held_batches_stay_intact(datasets):
     rows = torch.cat([bx[:, 0] for bx, _ in held]).long() - 1
     assert rows.tolist() == list(range(N))
     assert torch.equal(torch.cat([bx for bx, _ in held]), torch.from_numpy(x))
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_shuffle_buffer_is_capped_in_bytes(datasets, layout, monkeypatch):
+    """A buffer of shuffle_blocks blocks never exceeds BUFFER_BYTES; the stream still covers
+    every row once when the cap, not the setting, decides the buffer's size."""
+    import largeml.data.stream as stream_module
+
+    root, _, _ = datasets
+    monkeypatch.setattr(stream_module, "BUFFER_BYTES", 32 * 150)
+    stream = ShardStream(root / layout, batch_size=32, shuffle=True, shuffle_blocks=16)
+    assert isinstance(stream.shuffle_blocks, int) and 2 <= stream.shuffle_blocks < 16
+    rows = torch.cat([bx[:, 0] for bx, _ in batches(stream, 0)]).long().tolist()
+    assert sorted(rows) == list(range(1, N + 1))

@@ -55,7 +55,8 @@ class ShardStream(IterableDataset):
             row_bytes = 4 * (self.index.n_features + 1)
         else:  # an int32 index and a float32 value per non-zero, a row pointer and a label
             row_bytes = 8 * self.index.nnz / max(self.index.rows, 1) + 12
-        self.shuffle_blocks = max(1, min(shuffle_blocks, BUFFER_BYTES // (batch_size * row_bytes)))
+        fit = int(BUFFER_BYTES // (batch_size * row_bytes))
+        self.shuffle_blocks = max(1, min(shuffle_blocks, fit))
         self.n_rows = self.index.rows // world_size
         if self.n_rows == 0:
             raise ValueError(f"{self.index.root}: {self.index.rows} rows for {world_size} ranks")
