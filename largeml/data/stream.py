@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from largeml.data.shards import ShardIndex, data_offset, open_shards
 
-BUFFER_BYTES = 64 << 20  # a shuffle buffer holds at most this much of the dataset
+BUFFER_BYTES = 32 << 20  # a shuffle buffer holds at most this much of the dataset (two exist)
 
 
 class ShardStream(IterableDataset):
@@ -88,14 +89,25 @@ class ShardStream(IterableDataset):
         lane = (worker + self.start_batch) % n_workers
         blocks = self.block_order()[lane::n_workers]
         skip = max(0, -(-(self.start_batch - lane) // n_workers))
-        reader = _SparseReader(self) if self.sparse else _DenseReader(self)
+        groups = []  # (first position, blocks, batches to skip) of each buffer still to read
+        for group_start in range(0, len(blocks), self.shuffle_blocks):
+            group = blocks[group_start:group_start + self.shuffle_blocks]
+            if skip >= len(group):
+                skip -= len(group)
+            else:
+                groups.append((group_start, group, skip))
+                skip = 0
+        # Two buffers: while batches are cut from one, a thread reads the next group into the
+        # other (preadv releases the GIL), so reading overlaps the consumer's compute.
+        readers = [_SparseReader(self) if self.sparse else _DenseReader(self) for _ in range(2)]
+        pool = ThreadPoolExecutor(max_workers=1)
         try:
-            for group_start in range(0, len(blocks), self.shuffle_blocks):
-                group = blocks[group_start:group_start + self.shuffle_blocks]
-                if skip >= len(group):
-                    skip -= len(group)
-                    continue
-                rows = reader.read(group)
+            pending = pool.submit(readers[0].read, groups[0][1]) if groups else None
+            for i, (group_start, group, skip) in enumerate(groups):
+                rows = pending.result()
+                reader = readers[i % 2]
+                if i + 1 < len(groups):
+                    pending = pool.submit(readers[(i + 1) % 2].read, groups[i + 1][1])
                 order = None
                 if self.shuffle:
                     rng = np.random.default_rng([self.seed, self.epoch, lane, group_start])
@@ -103,9 +115,10 @@ class ShardStream(IterableDataset):
                 for k in range(skip, len(group)):
                     start, stop = k * self.batch_size, min((k + 1) * self.batch_size, rows)
                     yield reader.batch(start, stop, order)
-                skip = 0
         finally:
-            reader.close()
+            pool.shutdown(wait=True)
+            for reader in readers:
+                reader.close()
 
     def row_ranges(self, block: int) -> list[tuple[int, int, int]]:
         """The (shard number, first row, end row) pieces, within shards, of one block."""
