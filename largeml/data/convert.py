@@ -34,6 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from largeml.data import shards
+from largeml.data.libsvm import MAX_INDEX, parse_line
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import ConfigError, DataError
 
@@ -42,7 +43,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("libsvm", "csv", "npy")
 CHUNK_BYTES = 4 << 20  # text read per parse; parse temporaries are a few times this
 DENSE_BLOCK_BYTES = 16 << 20  # dense rows handed to the writer at once
-MAX_INDEX = 2**31 - 1  # indices are stored as int32
 
 _WHITESPACE = np.zeros(256, dtype=bool)
 _WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True
@@ -445,39 +445,16 @@ def _libsvm_slow(chunk: bytes, lineno: int, path: Path, n_features: int | None,
     """Parses a chunk line by line: what is accepted, and the error for what is not."""
     raw: list[float] = []
     indptr, indices, values = [0], [], []
-    limit = MAX_INDEX if n_features is None else n_features
     for number, line in enumerate(chunk.decode("ascii", errors="replace").split("\n"), lineno):
-        tokens = line.split("#", 1)[0].split()
-        if not tokens:
-            continue
         where = f"{path}:{number}"
-        try:
-            label = float(tokens[0])
-        except ValueError:
-            raise DataError(f"{where}: label {tokens[0]!r} is not a number") from None
-        labels.check(label, tokens[0], where, number)
+        parsed = parse_line(line, where, n_features)
+        if parsed is None:
+            continue
+        token, label, row_indices, row_values = parsed
+        labels.check(label, token, where, number)
         raw.append(label)
-        for token in tokens[1:]:
-            name, _, text = token.partition(":")
-            if name == "qid":
-                continue
-            try:
-                index, value = int(name), float(text)
-            except ValueError:
-                raise DataError(
-                    f"{where}: cannot read {token!r}: expected index:value, e.g. 7:0.5"
-                ) from None
-            if index < 1:
-                raise DataError(f"{where}: index {index} in {token!r}: indices start at 1")
-            if index > limit:
-                what = "the largest int32" if n_features is None else f"n_features={n_features}"
-                raise DataError(f"{where}: index {index} in {token!r} exceeds {what}")
-            if not math.isfinite(value):
-                raise DataError(f"{where}: value in {token!r} is not finite")
-            if not _fits_float32(np.array([value])):
-                raise DataError(f"{where}: value in {token!r} is too large for float32")
-            indices.append(index - 1)
-            values.append(value)
+        indices += row_indices
+        values += row_values
         indptr.append(len(indices))
     return _Rows(y=_to_01(np.array(raw)), indptr=np.array(indptr, dtype=np.int64),
                  indices=np.array(indices, dtype=np.int32),

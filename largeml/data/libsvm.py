@@ -30,6 +30,51 @@ class SparseRows:
         return dense
 
 
+MAX_INDEX = 2**31 - 1  # indices are stored as int32
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # values are stored as float32
+
+
+def parse_line(
+    line: str, where: str, n_features: int | None
+) -> tuple[str, float, list[int], list[float]] | None:
+    """One line of LIBSVM text as (label token, label, 0-based indices, values); None for a
+    blank or comment line. Raises a DataError naming `where` and the token at fault."""
+    tokens = line.split("#", 1)[0].split()
+    if not tokens:
+        return None
+    try:
+        label = float(tokens[0])
+    except ValueError:
+        raise DataError(f"{where}: label {tokens[0]!r} is not a number") from None
+    if not math.isfinite(label):
+        raise DataError(f"{where}: label {tokens[0]!r} is not finite")
+    limit = MAX_INDEX if n_features is None else n_features
+    indices: list[int] = []
+    values: list[float] = []
+    for token in tokens[1:]:
+        name, _, text = token.partition(":")
+        if name == "qid":
+            continue
+        try:
+            index, value = int(name), float(text)
+        except ValueError:
+            raise DataError(
+                f"{where}: cannot read {token!r}: expected index:value, e.g. 7:0.5"
+            ) from None
+        if index < 1:
+            raise DataError(f"{where}: index {index} in {token!r}: indices start at 1")
+        if index > limit:
+            what = "the largest int32" if n_features is None else f"n_features={n_features}"
+            raise DataError(f"{where}: index {index} in {token!r} exceeds {what}")
+        if not math.isfinite(value):
+            raise DataError(f"{where}: value in {token!r} is not finite")
+        if abs(value) > FLOAT32_MAX:
+            raise DataError(f"{where}: value in {token!r} is too large for float32")
+        indices.append(index - 1)
+        values.append(value)
+    return tokens[0], label, indices, values
+
+
 def _open_text(path: Path):
     if path.suffix == ".gz":
         return gzip.open(path, "rt", encoding="ascii", errors="replace")
@@ -45,37 +90,12 @@ def read_libsvm(path: str | Path, n_features: int | None = None) -> SparseRows:
     values: list[float] = []
     with _open_text(path) as lines:
         for lineno, line in enumerate(lines, start=1):
-            tokens = line.split("#", 1)[0].split()
-            if not tokens:
+            parsed = parse_line(line, f"{path}:{lineno}", n_features)
+            if parsed is None:
                 continue
-            where = f"{path}:{lineno}"
-            try:
-                label = float(tokens[0])
-            except ValueError:
-                raise DataError(f"{where}: label {tokens[0]!r} is not a number") from None
-            if not math.isfinite(label):
-                raise DataError(f"{where}: label {tokens[0]!r} is not finite")
-            labels.append(label)
-            for token in tokens[1:]:
-                name, _, text = token.partition(":")
-                if name == "qid":
-                    continue
-                try:
-                    index, value = int(name), float(text)
-                except ValueError:
-                    raise DataError(
-                        f"{where}: cannot read {token!r}: expected index:value, e.g. 7:0.5"
-                    ) from None
-                if index < 1:
-                    raise DataError(f"{where}: index {index} in {token!r}: indices start at 1")
-                if n_features is not None and index > n_features:
-                    raise DataError(
-                        f"{where}: index {index} in {token!r} exceeds n_features={n_features}"
-                    )
-                if not math.isfinite(value):
-                    raise DataError(f"{where}: value in {token!r} is not finite")
-                indices.append(index - 1)
-                values.append(value)
+            labels.append(parsed[1])
+            indices += parsed[2]
+            values += parsed[3]
             indptr.append(len(indices))
     if not labels:
         raise DataError(f"{path}: no data rows (the file is empty or only comments)")
