@@ -98,34 +98,33 @@ def generate_sparse(root: Path, rows: int, features: int, nnz: int, seed: int) -
     return open_shards(root)
 
 
+def read_all(index: ShardIndex, buffer_size: int = 1 << 20) -> int:
+    """Reads every byte of the shards once with preadv into one reused buffer; returns bytes."""
+    view, total = memoryview(bytearray(buffer_size)), 0
+    for shard in index.shards:
+        for kind in shard.files:
+            fd = os.open(index.path(shard, kind), os.O_RDONLY)
+            offset = 0
+            while (n := os.preadv(fd, [view], offset)) > 0:
+                offset += n
+            total += offset
+            os.close(fd)
+    return total
+
+
 def warm(*indexes: ShardIndex) -> None:
     """Reads the shards once so the next measurement starts on a warm page cache: this VM's
     proactive reclaim (kdamond) evicts pages that have not been read for a while."""
-    view = memoryview(bytearray(1 << 20))
     for index in indexes:
-        for shard in index.shards:
-            for kind in shard.files:
-                fd = os.open(index.path(shard, kind), os.O_RDONLY)
-                offset = 0
-                while (n := os.preadv(fd, [view], offset)) > 0:
-                    offset += n
-                os.close(fd)
+        read_all(index)
 
 
 def floor(index: ShardIndex) -> tuple[float, int]:
     """Seconds to read every byte of the shards once, the best of three buffer sizes."""
     best, total = float("inf"), 0
     for buffer_size in (256 << 10, 1 << 20, 8 << 20):
-        view = memoryview(bytearray(buffer_size))
-        started, total = time.perf_counter(), 0
-        for shard in index.shards:
-            for kind in shard.files:
-                fd = os.open(index.path(shard, kind), os.O_RDONLY)
-                offset = 0
-                while (n := os.preadv(fd, [view], offset)) > 0:
-                    offset += n
-                total += offset
-                os.close(fd)
+        started = time.perf_counter()
+        total = read_all(index, buffer_size)
         best = min(best, time.perf_counter() - started)
     return best, total
 
@@ -221,9 +220,10 @@ def main() -> None:
                 runs.append(largeml_epoch(index.root, val.root, [
                     f"model={model}", f"data.batch_size={args.batch_size}", *optimizer]))
             rates = sorted(metrics["train/samples_per_sec"] for metrics, _ in runs)
-            spread = f"{rates[0] / 1e6:.2f}-{rates[-1] / 1e6:.2f} M" if len(rates) > 1 else ""
+            spread = (f" (median of {len(rates)}: {rates[0] / 1e6:.2f}-{rates[-1] / 1e6:.2f} M)"
+                      if len(rates) > 1 else "")
             label = " ".join([f"model={model}", *optimizer])
-            results.append((f"largeml `{label}` epoch (median of {len(rates)}: {spread})",
+            results.append((f"largeml `{label}` epoch{spread}",
                             rates[len(rates) // 2], runs[0][0]["val/accuracy"],
                             max(memory for _, memory in runs)))
         if name == "dense":
