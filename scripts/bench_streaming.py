@@ -9,7 +9,9 @@ Then, on a warm page cache:
 
 - floor: one streaming read of the training shards' bytes (os.preadv into a reused buffer);
 - largeml: one epoch of `python -m largeml.train data=files model=logreg|svm` on those shards,
-  --repeat times (the median is reported with the range: rows/s on a shared VM vary by a third);
+  --repeat times (the median is reported with the range: rows/s on a shared VM vary by a third),
+  and its data path alone (ShardStream without training);
+- hand-written: the best plain loop, preadv of batch-size blocks in file order + nn.Linear + SGD;
 - row-per-item: the common map-style Dataset returning one row, with DataLoader(batch_size);
 - scikit-learn: SGDClassifier.partial_fit over the same blocks (if scikit-learn is installed).
 
@@ -27,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from largeml import losses
-from largeml.data.shards import ShardIndex, ShardWriter, open_shards
+from largeml.data.shards import ShardIndex, ShardWriter, data_offset, open_shards
+from largeml.data.stream import ShardStream
 from largeml.models import Linear
 from largeml.train import CONFIG_DIR, run
 
@@ -139,6 +143,37 @@ def largeml_epoch(train: Path, val: Path, overrides: list[str]) -> tuple[dict, f
     return metrics, memory.peak
 
 
+def hand_written(index: ShardIndex, batch_size: int) -> float:
+    """The best plain loop: preadv each block of batch_size rows, in file order, into one reused
+    buffer; nn.Linear + BCE + SGD on it. No shuffle, no validation, no framework. Seconds."""
+    model = torch.nn.Linear(index.n_features, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.empty(batch_size, index.n_features), torch.empty(batch_size)
+    started = time.perf_counter()
+    for shard in index.shards:
+        fx, fy = (os.open(index.path(shard, kind), os.O_RDONLY) for kind in ("x", "y"))
+        ox, oy = (data_offset(index.path(shard, kind)) for kind in ("x", "y"))
+        for start in range(0, shard.rows, batch_size):
+            n = min(batch_size, shard.rows - start)
+            os.preadv(fx, [memoryview(x.numpy()[:n]).cast("B")], ox + start * x[0].nbytes)
+            os.preadv(fy, [memoryview(y.numpy()[:n]).cast("B")], oy + start * 4)
+            loss = F.binary_cross_entropy_with_logits(model(x[:n]).squeeze(1), y[:n])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        os.close(fx)
+        os.close(fy)
+    return time.perf_counter() - started
+
+
+def stream_only(index: ShardIndex, batch_size: int) -> float:
+    """largeml's data path alone: one shuffled epoch of ShardStream, no training. Seconds."""
+    started = time.perf_counter()
+    for _ in ShardStream(index, batch_size, shuffle=True):
+        pass
+    return time.perf_counter() - started
+
+
 def row_per_item(index: ShardIndex, batch_size: int, max_rows: int) -> tuple[float, int]:
     """The common pattern: a map-style Dataset returning one row, batched by the DataLoader."""
     shard = index.shards[0]
@@ -226,7 +261,13 @@ def main() -> None:
             results.append((f"largeml `{label}` epoch{spread}",
                             rates[len(rates) // 2], runs[0][0]["val/accuracy"],
                             max(memory for _, memory in runs)))
+        warm(index)
+        results.append(("largeml data path alone (ShardStream, no training)",
+                        index.rows / stream_only(index, args.batch_size), None, None))
         if name == "dense":
+            warm(index)
+            results.append(("hand-written loop: preadv blocks in file order + nn.Linear, SGD",
+                            index.rows / hand_written(index, args.batch_size), None, None))
             warm(index)
             seconds, n = row_per_item(index, args.batch_size, args.row_per_item_rows)
             results.append((f"row-per-item Dataset + DataLoader ({n:,} rows)", n / seconds,

@@ -116,26 +116,14 @@ def test_dense_batches_reuse_their_tensors_once_dropped(datasets):
     assert len(storages) <= 6 < len(stream)
 
 
-def test_a_dense_batch_mixes_every_block_of_its_group(datasets):
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_a_batch_mixes_every_block_of_its_group(datasets, layout):
     """With shuffle, a batch is one chunk of each block of its group: rows of 4 blocks, in runs
     of batch_size / 4 consecutive rows, not one block's consecutive rows."""
     root, _, _ = datasets
-    stream = ShardStream(root / "dense", batch_size=32, shuffle=True, shuffle_blocks=4)
+    stream = ShardStream(root / layout, batch_size=32, shuffle=True, shuffle_blocks=4)
     first_group = {int(b) for b in stream.block_order()[:4]}
-    for bx, _ in list(stream)[:4]:
+    for bx, _ in batches(stream, 0)[:4]:
         rows = bx[:, 0].long() - 1
         assert {int(r) // 32 for r in rows} == first_group
         assert len(rows) == 32 and (rows.diff() != 1).sum() <= 4 + 3  # a run may wrap a block
-
-
-def test_sparse_shuffle_buffer_is_capped_in_bytes(datasets, monkeypatch):
-    """A sparse buffer of shuffle_blocks blocks never exceeds BUFFER_BYTES; the stream still
-    covers every row once when the cap, not the setting, decides the buffer's size."""
-    import largeml.data.stream as stream_module
-
-    root, _, _ = datasets
-    monkeypatch.setattr(stream_module, "BUFFER_BYTES", 32 * 150)
-    stream = ShardStream(root / "sparse", batch_size=32, shuffle=True, shuffle_blocks=16)
-    assert isinstance(stream.shuffle_blocks, int) and 2 <= stream.shuffle_blocks < 16
-    rows = torch.cat([bx[:, 0] for bx, _ in batches(stream, 0)]).long().tolist()
-    assert sorted(rows) == list(range(1, N + 1))

@@ -8,14 +8,13 @@ The order of an epoch is a pure function of (seed, epoch):
 2. The slice is cut into blocks of `batch_size` consecutive rows (the last may be shorter). With
    `shuffle`, the block order is permuted.
 3. DataLoader workers take every n-th block of that order (see `lane` below) and mix them in
-   groups of `shuffle_blocks` blocks, one batch per block:
-   - dense: each block of the group is rotated by a random offset and cut into as many chunks as
-     the group has blocks; batch k takes one chunk (a random one) of every block. So a batch
-     holds rows from all over the group, and is read chunk by chunk with `preadv` straight into
-     the batch: no buffer, no per-row work, one pass over the bytes. Rows within a chunk
-     (batch_size / shuffle_blocks consecutive rows) stay together; the chunks move each epoch.
-   - sparse: the group is read into a buffer and its rows are dealt out in a random permutation.
-   The order thus depends on (seed, epoch, number of workers).
+   groups of `shuffle_blocks` blocks, one batch per block: with `shuffle`, each block of the
+   group is rotated by a random offset and cut into as many chunks as the group has blocks, and
+   batch k takes one chunk (a random one) of every block. So a batch holds rows from all over
+   the group, and is read chunk by chunk with `preadv` straight into the batch: no buffer, no
+   per-row work, one pass over the bytes (for CSR rows too: a chunk's non-zeros are contiguous).
+   Rows within a chunk (batch_size / shuffle_blocks consecutive rows) stay together; the chunks
+   move each epoch. The order thus depends on (seed, epoch, number of workers).
 
 So every rank yields ceil(S / batch_size) batches per epoch, and the position in an epoch is just
 the number of batches done: `set_epoch(epoch, start_batch=k)` skips the first k by arithmetic.
@@ -44,8 +43,7 @@ from largeml.data.shards import ShardIndex, data_offset, open_shards
 
 Batch = tuple[Tensor, Tensor]
 Runs = list[tuple[int, int]]  # (first row, rows) runs of a batch, rows counted within the slice
-BUFFER_BYTES = 32 << 20  # a sparse shuffle buffer holds at most this much of the dataset
-PREFETCH = 2  # batches (dense) or buffers (sparse) prepared ahead of the consumer
+PREFETCH = 2  # batches prepared ahead of the consumer
 
 
 class ShardStream(IterableDataset):
@@ -68,10 +66,6 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.sparse = self.index.layout == "sparse"
         self.shuffle_blocks = max(1, shuffle_blocks)
-        if self.sparse:  # an int32 index and a float32 value per non-zero, a row pointer, a label
-            row_bytes = 8 * self.index.nnz / max(self.index.rows, 1) + 12
-            fit = int(BUFFER_BYTES // (batch_size * row_bytes))
-            self.shuffle_blocks = max(1, min(shuffle_blocks, fit))
         self.n_rows = self.index.rows // world_size
         if self.n_rows == 0:
             raise ValueError(f"{self.index.root}: {self.index.rows} rows for {world_size} ranks")
@@ -108,7 +102,7 @@ class ShardStream(IterableDataset):
         # In a DataLoader worker each batch is pickled into shared memory anyway: batches get
         # their own tensors there instead of reused ones (see _DenseReader).
         reader = _SparseReader(self) if self.sparse else _DenseReader(self, reuse=info is None)
-        work: list[Callable[[], list[Batch]]] = []  # each item makes the next batches, in order
+        work: list[Callable[[], Batch]] = []  # each item reads the next batch
         for group_start in range(0, len(blocks), self.shuffle_blocks):
             group = blocks[group_start:group_start + self.shuffle_blocks]
             if skip >= len(group):
@@ -116,21 +110,17 @@ class ShardStream(IterableDataset):
                 continue
             rng = (np.random.default_rng([self.seed, self.epoch, lane, group_start])
                    if self.shuffle else None)
-            if self.sparse:
-                work.append(lambda g=group, r=rng, k=skip: reader.load(g, r, k))
-            else:
-                work += [lambda runs=runs: [reader.batch(runs)]
-                         for runs in self.plan(group, rng)[skip:]]
+            work += [lambda runs=runs: reader.batch(runs) for runs in self.plan(group, rng)[skip:]]
             skip = 0
         pool = ThreadPoolExecutor(max_workers=1)
-        pending: deque[Future[list[Batch]]] = deque()
+        pending: deque[Future[Batch]] = deque()
         try:
             for item in work:
                 pending.append(pool.submit(item))
                 if len(pending) > PREFETCH:
-                    yield from _handed_over(pending.popleft().result())
+                    yield pending.popleft().result()
             while pending:
-                yield from _handed_over(pending.popleft().result())
+                yield pending.popleft().result()
         finally:
             for future in pending:
                 future.cancel()
@@ -183,13 +173,6 @@ class ShardStream(IterableDataset):
             out.append((shard, lo - self.shard_starts[shard], end - self.shard_starts[shard]))
             lo = end
         return out
-
-
-def _handed_over(batches: list[Batch]) -> Iterator[Batch]:
-    """Yields the batches without keeping a reference, so their tensors can be reused as soon
-    as the consumer drops them."""
-    while batches:
-        yield batches.pop(0)
 
 
 class _Files:
@@ -271,59 +254,44 @@ def _users(t: Tensor) -> int:
 
 
 class _SparseReader:
-    """Reads CSR rows; yields `torch.sparse_csr_tensor` batches of shape (rows, n_features)
-    with int32 row pointers and column indices."""
+    """Reads each batch's runs of CSR rows: a run's non-zeros are one contiguous slice of the
+    shard's `indices` and `values`, so a batch is a few preadv calls and no gather. Yields
+    `torch.sparse_csr_tensor` batches of shape (rows, n_features) with int32 row pointers and
+    column indices; memory follows the batch's non-zeros."""
 
     def __init__(self, stream: ShardStream) -> None:
         self.stream = stream
         self.files = _Files(stream.index)
 
-    def read(self, blocks: np.ndarray) -> int:
-        indptrs, indices, values, labels = [np.zeros(1, np.int64)], [], [], []
-        for block in blocks:
-            for shard, lo, hi in self.stream.pieces(int(block) * self.stream.batch_size,
-                                                    self.stream.block_rows(block)):
-                ptr = np.empty(hi - lo + 1, np.int64)
-                self.files.pread(shard, "indptr", ptr, lo)
-                nnz = int(ptr[-1] - ptr[0])
-                idx, val = np.empty(nnz, np.int32), np.empty(nnz, np.float32)
-                self.files.pread(shard, "indices", idx, int(ptr[0]))
-                self.files.pread(shard, "values", val, int(ptr[0]))
-                y = np.empty(hi - lo, np.float32)
-                self.files.pread(shard, "y", y, lo)
-                indptrs.append(ptr[1:] - ptr[0] + indptrs[-1][-1])
-                indices.append(idx)
-                values.append(val)
-                labels.append(y)
-        self.indptr = torch.from_numpy(np.concatenate(indptrs))
-        self.indices = torch.from_numpy(np.concatenate(indices))
-        self.values = torch.from_numpy(np.concatenate(values))
-        self.y = torch.from_numpy(np.concatenate(labels))
-        return len(self.y)
-
-    def load(self, blocks: np.ndarray, rng: np.random.Generator | None, skip: int) -> list[Batch]:
-        rows, size = self.read(blocks), self.stream.batch_size
-        order = None if rng is None else torch.from_numpy(rng.permutation(rows))
-        return [self.batch(s, min(s + size, rows), order) for s in range(skip * size, rows, size)]
-
-    def batch(self, start: int, stop: int, order: Tensor | None) -> Batch:
-        rows = torch.arange(start, stop) if order is None else order[start:stop]
-        begin, end = self.indptr[rows], self.indptr[rows + 1]
-        lengths = end - begin
-        crow = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=crow[1:])
-        # Position of each non-zero of the selected rows in the buffer's arrays.
-        take = torch.repeat_interleave(begin - crow[:-1], lengths) + torch.arange(int(crow[-1]))
+    def batch(self, runs: Runs) -> Batch:
+        # Row pointers first, so the non-zeros of all pieces are read straight into one array.
+        pieces = [piece for first, rows in runs for piece in self.stream.pieces(first, rows)]
+        pointers = []
+        for shard, lo, hi in pieces:
+            pointers.append(np.empty(hi - lo + 1, np.int64))
+            self.files.pread(shard, "indptr", pointers[-1], lo)
+        crow = np.zeros(1 + sum(len(ptr) - 1 for ptr in pointers), np.int64)
+        nnz = int(sum(ptr[-1] - ptr[0] for ptr in pointers))
+        indices, values = np.empty(nnz, np.int32), np.empty(nnz, np.float32)
+        y = np.empty(len(crow) - 1, np.float32)
+        row = at = 0
+        for (shard, lo, hi), ptr in zip(pieces, pointers, strict=True):
+            n = int(ptr[-1] - ptr[0])
+            self.files.pread(shard, "indices", indices[at:at + n], int(ptr[0]))
+            self.files.pread(shard, "values", values[at:at + n], int(ptr[0]))
+            self.files.pread(shard, "y", y[row:row + hi - lo], lo)
+            crow[row + 1:row + hi - lo + 1] = ptr[1:] - ptr[0] + at
+            row, at = row + hi - lo, at + n
         # int32 row pointers to match the int32 column indices (a batch holds < 2^31 non-zeros).
-        crow = crow.to(torch.int32)
+        crow, y = torch.from_numpy(crow.astype(np.int32)), torch.from_numpy(y)
         # Indices were range-checked when the shards were written; re-checking every batch
         # would cost a pass over it. PyTorch warns that CSR support is "beta" at each build.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            x = torch.sparse_csr_tensor(crow, self.indices[take], self.values[take],
-                                        size=(len(rows), self.stream.n_features),
+            x = torch.sparse_csr_tensor(crow, torch.from_numpy(indices), torch.from_numpy(values),
+                                        size=(len(y), self.stream.n_features),
                                         check_invariants=False)
-        return x, self.y[rows]
+        return x, y
 
     def close(self) -> None:
         self.files.close()
