@@ -34,6 +34,8 @@ def test_prepared_a9a_shards_train_to_liblinear_accuracy(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["val/accuracy"] >= 0.845  # LIBLINEAR, C=1: 84.99 %
     assert metrics["epoch"] == 10
+    # One core is left to the thread that reads batches ahead.
+    assert metrics["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 @pytest.mark.parametrize("model", ["svm", "mlp"])

@@ -73,6 +73,7 @@ class DataModule:
     description: str
     n_train: int  # training rows in all, over every rank
     num_workers: int = 0  # DataLoader worker processes per rank
+    reader_threads: int = 0  # threads reading ahead inside the training process
     # Validation accuracy of a known reference classifier, where there is one (the true
     # hyperplane of synthetic data): what a well-trained model should come close to.
     reference_accuracy: float | None = None

@@ -205,4 +205,5 @@ def files(
     if val is not None:
         description += f", validation {val.index.rows} rows"
     return DataModule(train=stream, val=val, n_features=train.n_features,
-                      description=description, n_train=train.rows, num_workers=num_workers)
+                      description=description, n_train=train.rows, num_workers=num_workers,
+                      reader_threads=0 if num_workers else 1)
