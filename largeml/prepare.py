@@ -2,6 +2,11 @@
 
 The keys are in `configs/prepare.yaml`. Writes nothing but `output` (no Hydra run directory)
 and ends with a one-line summary on stdout; a bad option or file stops with exit code 2.
+
+    python -m largeml.prepare -m input=a.svm,b.svm 'output=${input}.shards'   # several files
+
+converts each file in turn; Hydra's `multirun.yaml` goes to the largeml cache, not the working
+directory.
 """
 
 import logging

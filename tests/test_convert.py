@@ -1,6 +1,7 @@
 """Streaming conversion into shards: round trips per format, errors that name file, line and
 token, and what a failed or killed conversion leaves behind."""
 
+import contextlib
 import gzip
 import logging
 import os
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -415,7 +417,7 @@ convert(sys.argv[1], sys.argv[2], shard_bytes=2048)
 """
 
 
-def test_killed_conversion_leaves_no_dataset_and_reruns(tmp_path, caplog):
+def test_killed_conversion_leaves_no_dataset_and_the_next_one_clears_it(tmp_path, caplog):
     good = "".join(f"{i % 2} 1:{i} 3:0.25 9:-1\n" for i in range(20000))
     path = _write(tmp_path / "big.svm", good)
     out = tmp_path / "out"
@@ -435,17 +437,63 @@ def test_killed_conversion_leaves_no_dataset_and_reruns(tmp_path, caplog):
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (out / shards.INDEX).exists()
-    assert list(tmp_path.glob(".out.partial-*"))  # the killed process could not clean up
+    killed = tmp_path / f".out.partial-{shards._HOST}-{proc.pid}"
+    assert (killed / "y-00002.npy").is_file()  # the killed process could not clean up
     with pytest.raises(DataError, match="not a prepared dataset"):
         open_shards(out)
 
-    with caplog.at_level(logging.WARNING, logger="largeml.data.convert"):
-        index = convert(path, out)
-    assert "interrupted conversion" in caplog.text and ".out.partial-" in caplog.text
+    with live_partials(tmp_path, "out") as (live, foreign):
+        with caplog.at_level(logging.WARNING, logger="largeml.data.shards"):
+            index = convert(path, out)
+        assert live.is_dir() and foreign.is_dir()  # owners alive, or not checkable from here
+    assert not killed.exists()
+    assert f"removed {killed} (" in caplog.text and "MiB" in caplog.text
+    assert f"{foreign} is left from an interrupted conversion" in caplog.text
+    assert str(live) not in caplog.text
     assert index.rows == 20000
     x, y = read_back(open_shards(out, verify=True))
     assert x[-1].tolist() == [19999, 0, 0.25, 0, 0, 0, 0, 0, -1]
     assert y.sum() == 10000
+
+
+@contextlib.contextmanager
+def live_partials(parent: Path, name: str) -> Iterator[tuple[Path, Path]]:
+    """Partial directories of `name` that must survive a cleanup: one of a live process on this
+    host (a sleeping child), one of another host, whose process cannot be checked."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        live = parent / f".{name}.partial-{shards._HOST}-{sleeper.pid}"
+        foreign = parent / f".{name}.partial-other-host-{os.getpid()}"
+        for partial in (live, foreign):
+            partial.mkdir()
+            (partial / "y-00000.npy").write_bytes(b"x" * 100)
+        yield live, foreign
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_cached_removes_partials_of_dead_conversions_of_any_input(tmp_path, caplog):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # its pid is gone
+    dead = [cache / f".{stem}-0123456789abcdef.partial-{shards._HOST}-{finished.pid}"
+            for stem in ("a", "older")]
+    for partial in dead:
+        (partial / "sub").mkdir(parents=True)
+        (partial / "sub" / "x-00000.npy").write_bytes(b"x" * (3 << 20))
+    path = _write(tmp_path / "a.svm", LIBSVM)
+    with live_partials(cache, "b-0123456789abcdef") as (live, foreign):
+        with caplog.at_level(logging.INFO, logger="largeml.data.shards"):
+            index = cached(path, cache)
+        assert live.is_dir() and foreign.is_dir()
+    assert not any(p.exists() for p in dead)
+    for partial in dead:
+        assert f"removed {partial} (3.0 MiB)" in caplog.text
+    assert sorted(p.name for p in cache.iterdir()) == sorted([index.root.name, live.name,
+                                                              foreign.name])
+    np.testing.assert_array_equal(read_back(index)[0], np.array(LIBSVM_X, dtype=np.float32))
 
 
 def test_cached_converts_once(tmp_path, caplog):

@@ -14,8 +14,8 @@ from largeml.data.shards import open_shards
 REPO = Path(__file__).resolve().parent.parent
 
 
-def prepare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+def prepare(*args: str, cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0", **env_vars}
     return subprocess.run([sys.executable, "-m", "largeml.prepare", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
@@ -39,6 +39,26 @@ def test_libsvm_to_shards(tmp_path):
                      if p.parent != tmp_path / "data" / "train")
     assert written == ["data", "data/train", "train.svm"]
     assert not list(tmp_path.rglob(".*"))  # no .hydra/, no leftover .partial directory
+
+
+def test_multirun_writes_only_the_outputs(tmp_path):
+    """`-m` converts several files in one command; Hydra's multirun.yaml goes to the cache."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    (work / "a.svm").write_text(LIBSVM)
+    (work / "b.svm").write_text(LIBSVM.replace("+1 1:0.5", "-1 1:0.5"))
+    result = prepare("-m", "input=a.svm,b.svm", "output=${input}.shards", cwd=work,
+                     LARGEML_CACHE=str(cache))
+    assert result.returncode == 0, result.stderr + result.stdout
+    for name, first_label in (("a", 1), ("b", 0)):
+        x, y = read_back(open_shards(work / f"{name}.svm.shards", verify=True))
+        np.testing.assert_array_equal(x, np.array(LIBSVM_X, dtype=np.float32))
+        assert y.tolist() == [first_label, *LIBSVM_Y[1:]]
+    assert len(result.stdout.strip().splitlines()) == 2  # one summary per input
+    assert sorted(p.name for p in work.iterdir()) == ["a.svm", "a.svm.shards", "b.svm",
+                                                       "b.svm.shards"]
+    assert not list(work.rglob(".*"))  # no .hydra/, no leftover .partial directory
+    assert [p.name for p in (cache / "prepare-multirun").iterdir()] == ["multirun.yaml"]
 
 
 @pytest.mark.parametrize("fmt", ["csv", "npy"])

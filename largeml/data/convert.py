@@ -5,7 +5,8 @@
 
 The input is read in chunks of whole lines (`CHUNK_BYTES` of text, or about as many bytes of rows
 for `.npy`) and written through `ShardWriter`, so memory stays bounded whatever the file size,
-and a conversion that fails or is killed never leaves a dataset that looks complete.
+and a conversion that fails or is killed never leaves a dataset that looks complete (a killed
+one's partial directory is removed by the next conversion into the same place).
 
 Text is parsed with numpy on a whole chunk at once: token boundaries, colons and commas are
 found with array operations and every number is read by `_parse_numbers`, which is exact (the
@@ -21,7 +22,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 import time
 import zlib
@@ -87,7 +87,6 @@ def convert(
     layout = _check_options(fmt, layout, n_features, labels, shard_bytes)
     if not path.is_file():
         raise DataError(f"input: no such file: {path}")
-    _warn_about_leftovers(Path(output))
     source = {"path": str(path.resolve()), "format": fmt, "bytes": path.stat().st_size}
     if labels is not None:
         source["labels"] = str(Path(labels).resolve())
@@ -110,7 +109,8 @@ def cached(
     """Converts `input` once into `cache_dir/<stem>-<hash>`; later calls open that directly.
 
     The hash covers the file's absolute path, size, mtime and inode, the format, the options
-    and the shard format version, so a changed file or option converts again.
+    and the shard format version, so a changed file or option converts again. Partial
+    directories that killed conversions left in `cache_dir` are removed on the way.
     """
     path = Path(input)
     fmt = resolve_format(path, format)
@@ -123,6 +123,7 @@ def cached(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = path.name.removesuffix(".gz").rsplit(".", 1)[0] or path.name
     out = Path(cache_dir) / f"{stem}-{digest}"
+    shards.remove_stale_partials(cache_dir)  # killed conversions of this or any other input
     if (out / shards.INDEX).is_file():
         try:
             index = open_shards(out)
@@ -174,19 +175,6 @@ def _check_options(fmt: str, layout: str | None, n_features: int | None,
 def _identity(path: Path) -> list[Any]:
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
-
-
-def _warn_about_leftovers(output: Path) -> None:
-    """Points at the partial directories of killed conversions into the same `output`.
-
-    They are not removed: on a shared file system the process that owns one may be alive on
-    another machine.
-    """
-    if output.parent.is_dir():
-        for partial in output.parent.glob(f".{output.name}.partial-*"):
-            if partial.name != f".{output.name}.partial-{os.getpid()}":
-                log.warning("%s is left from an interrupted conversion; delete it if no other "
-                            "conversion into %s is running", partial, output)
 
 
 # ----------------------------------------------------------------------------- text input

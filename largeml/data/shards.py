@@ -10,13 +10,18 @@
 
 Every file is a plain `.npy` array (`np.load(path, mmap_mode="r")` reads it), so a shard can be
 inspected without largeml. A dataset is complete exactly when `index.json` exists: the writer
-fills a hidden sibling directory and renames it into place only after the index is written and
-synced, so a killed conversion never leaves a directory that looks finished.
+fills a hidden sibling directory, `.<name>.partial-<host>-<pid>`, and renames it into place only
+after the index is written and synced, so a killed conversion never leaves a directory that looks
+finished. The next writer into the same place removes such leftovers once their process is gone.
 """
 
+import glob
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +39,12 @@ FILES = {"dense": ("y", "x"), "sparse": ("y", "indptr", "indices", "values")}
 DTYPES = {"y": np.float32, "x": np.float32, "indptr": np.int64, "indices": np.int32,
           "values": np.float32}
 SHARD_BYTES = 64 << 20
+
+log = logging.getLogger(__name__)
+
+# In partial directory names, so a writer can tell its own machine's leftovers, whose pids it can
+# check, from those of a machine sharing the file system, whose pids it cannot.
+_HOST = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname()) or "localhost"
 
 
 @dataclass
@@ -97,7 +108,9 @@ class ShardWriter:
         self.n_features = n_features
         self.shard_bytes = shard_bytes
         self.source = source or {}
-        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.partial-{os.getpid()}")
+        self.tmp_dir = self.out_dir.with_name(
+            f".{self.out_dir.name}.partial-{_HOST}-{os.getpid()}")
+        remove_stale_partials(self.out_dir.parent, self.out_dir.name)
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
         self.shards: list[Shard] = []
@@ -258,6 +271,58 @@ def open_shards(root: str | Path, verify: bool = False) -> ShardIndex:
                     "damaged; prepare the dataset again"
                 )
     return index
+
+
+def remove_stale_partials(parent: str | Path, name: str | None = None) -> None:
+    """Removes the partial directories in `parent` (of output `name`, or of any output) left by
+    writers that were killed: those named for this host and a pid that no longer exists.
+
+    A live pid is never touched, even if it was reused by an unrelated process. Leftovers of
+    other hosts (a shared file system) or of largeml versions that did not name the host are
+    only pointed at, as their owner cannot be checked from here.
+    """
+    parent = Path(parent)
+    if not parent.is_dir():
+        return
+    pattern = "*" if name is None else glob.escape(name)
+    for partial in sorted(parent.glob(f".{pattern}.partial-*")):
+        owner = re.fullmatch(r"\..+\.partial-(.+)-(\d+)", partial.name)
+        if owner is None or owner[1] != _HOST:
+            log.warning("%s is left from an interrupted conversion, or is one running on another "
+                        "machine; delete it if no conversion into %s is running", partial, parent)
+            continue
+        pid = int(owner[2])
+        if pid == os.getpid() or _pid_alive(pid) or not partial.is_dir() or partial.is_symlink():
+            continue
+        size = _tree_bytes(partial)
+        shutil.rmtree(partial, ignore_errors=True)  # another writer may be removing it too
+        if partial.exists():
+            log.warning("%s is left from an interrupted conversion (process %d is gone) but "
+                        "could not be removed; delete it by hand", partial, pid)
+        else:
+            log.warning("removed %s (%.1f MiB), left by an interrupted conversion (process %d "
+                        "is gone)", partial, size / 2**20, pid)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or no pid: keep it
+        return True
+    return True
+
+
+def _tree_bytes(root: Path) -> int:
+    total = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def data_offset(path: Path) -> int:
