@@ -138,8 +138,10 @@ def largeml_epoch(train: Path, val: Path, overrides: list[str]) -> tuple[dict, f
         cfg = compose("train", overrides=[
             "data=files", f"data.train_path={train}", f"data.val_path={val}",
             "trainer.max_epochs=1", "trainer.log_every_n_steps=100", *overrides])
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as run_dir, PeakMemory() as memory:
         metrics = run(cfg, Path(run_dir))
+    torch.set_num_threads(threads)  # the Trainer sets its own; the peers run with the default
     return metrics, memory.peak
 
 
@@ -288,7 +290,8 @@ def main() -> None:
     gib = dense.rows * dense.n_features * 4 / 2**30
     print(f"\n{dense.rows:,} x {dense.n_features} dense ({gib:.2f} GiB of features); "
           f"{sparse.rows:,} x {sparse.n_features:,} sparse, {sparse.nnz // sparse.rows} "
-          f"non-zeros a row; batch {args.batch_size}; torch threads {torch.get_num_threads()}\n")
+          f"non-zeros a row; batch {args.batch_size}; torch threads {torch.get_num_threads()} "
+          f"(largeml's Trainer: {runs[0][0]['cpu_threads']}, see trainer.num_threads)\n")
     print("| data | method | rows/s | GB/s | ratio to floor | val accuracy | peak RssAnon MiB |")
     print("|---|---|---:|---:|---:|---:|---:|")
     print("\n".join(table))
