@@ -491,7 +491,8 @@ def test_cached_removes_partials_of_dead_conversions_of_any_input(tmp_path, capl
     assert not any(p.exists() for p in dead)
     for partial in dead:
         assert f"removed {partial} (3.0 MiB)" in caplog.text
-    assert sorted(p.name for p in cache.iterdir()) == sorted([index.root.name, live.name,
+    lock = f".{index.root.name}.lock"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([index.root.name, lock, live.name,
                                                               foreign.name])
     np.testing.assert_array_equal(read_back(index)[0], np.array(LIBSVM_X, dtype=np.float32))
 
@@ -517,7 +518,25 @@ def test_cached_converts_once(tmp_path, caplog):
     assert cached(path, cache, layout="dense", n_features=5).root != first.root
     os.utime(path, ns=(stamp, stamp + 10**9))
     assert cached(path, cache).root != first.root
-    assert len(list(cache.iterdir())) == 3
+    assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 3
+
+
+def test_processes_converting_the_same_file_take_turns(tmp_path):
+    """The ranks of a distributed run all ask for the same raw file at once: one converts, the
+    others wait for it and reuse its cache (no race on the cache directory)."""
+    path = _write(tmp_path / "big.svm", "".join(
+        f"{i % 2} {i % 7 + 1}:{i} {i % 5 + 8}:0.5\n" for i in range(200_000)))
+    code = ("import logging, sys; from largeml.data.convert import cached; "
+            "logging.basicConfig(level=logging.INFO, stream=sys.stdout); "
+            f"print('root', cached({str(path)!r}, {str(tmp_path / 'cache')!r}).root)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), outputs
+    assert sum("converted" in out for out in outputs) == 1, outputs
+    assert sum("reusing" in out for out in outputs) == 2, outputs
+    roots = {line for out in outputs for line in out.splitlines() if line.startswith("root")}
+    assert len(roots) == 1
 
 
 def test_cached_reconverts_a_damaged_cache(tmp_path, caplog):

@@ -16,6 +16,7 @@ defines what is accepted and raises the error naming the file, line and token.
 """
 
 import csv
+import fcntl
 import gzip
 import hashlib
 import itertools
@@ -123,17 +124,22 @@ def cached(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     stem = path.name.removesuffix(".gz").rsplit(".", 1)[0] or path.name
     out = Path(cache_dir) / f"{stem}-{digest}"
-    shards.remove_stale_partials(cache_dir)  # killed conversions of this or any other input
-    if (out / shards.INDEX).is_file():
-        try:
-            index = open_shards(out)
-        except DataError as err:
-            log.warning("cache %s is damaged (%s); converting again", out, err)
-        else:
-            log.info("reusing cached %s for %s", out, path)
-            return index
-    start = time.perf_counter()
-    index = convert(path, out, fmt, **options)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Processes that want the same file (the ranks of a distributed run) take turns: the first
+    # converts, the others wait on the lock and then find the cache complete.
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shards.remove_stale_partials(cache_dir)  # killed conversions of this or any other input
+        if (out / shards.INDEX).is_file():
+            try:
+                index = open_shards(out)
+            except DataError as err:
+                log.warning("cache %s is damaged (%s); converting again", out, err)
+            else:
+                log.info("reusing cached %s for %s", out, path)
+                return index
+        start = time.perf_counter()
+        index = convert(path, out, fmt, **options)
     log.info("converted %s into cache %s in %.1f s", path, out, time.perf_counter() - start)
     return index
 
