@@ -6,10 +6,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from largeml.data.shards import ShardWriter
 from largeml.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,3 +40,15 @@ def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Completed
         [sys.executable, "-m", "largeml.train", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def write_dense_shards(root: Path, rows: int, features: int, seed: int = 0) -> Path:
+    """A dense shard set of a few hundred rows a shard: Gaussian rows, labels from a random
+    hyperplane plus noise (learnable, not separable)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    y = (x @ rng.normal(size=features) + 0.5 * rng.normal(size=rows) > 0).astype(np.float32)
+    with ShardWriter(root, "dense", features, shard_bytes=(features + 1) * 4 * 200) as writer:
+        for i in range(0, rows, 70):  # shards of 210 rows: batches straddle shard ends
+            writer.write_dense(x[i:i + 70], y[i:i + 70])
+    return root

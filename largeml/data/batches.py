@@ -74,6 +74,9 @@ class DataModule:
     n_train: int  # training rows in all, over every rank
     num_workers: int = 0  # DataLoader worker processes per rank
     reader_threads: int = 0  # threads reading ahead inside the training process
+    # Train and val hold their rows themselves and have `to_device(device)`, which the Trainer
+    # calls once before training; their batches are then already on the device.
+    resident: bool = False
     # Validation accuracy of a known reference classifier, where there is one (the true
     # hyperplane of synthetic data): what a well-trained model should come close to.
     reference_accuracy: float | None = None

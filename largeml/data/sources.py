@@ -14,6 +14,7 @@ from torch import Tensor
 
 from largeml.data.batches import DataModule, InMemoryBatches
 from largeml.data.libsvm import read_libsvm
+from largeml.data.resident import ResidentStream
 from largeml.data.shards import ShardIndex, open_shards
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError
@@ -174,6 +175,7 @@ def files(
     batch_size: int = 1024,
     shuffle_blocks: int = 16,
     num_workers: int = 0,
+    resident: bool = False,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -183,7 +185,17 @@ def files(
     Each path is a prepared shard directory (`python -m largeml.prepare`) or a raw LIBSVM, CSV
     or `.npy` file, converted on first use into `cache_dir` under a key of the file's identity
     (path, size, modification time), so later runs start at once.
+
+    With `resident` (dense data), the Trainer loads the rank's rows once onto its device and
+    every epoch's batches, the same ones as streamed, are cut there (`ResidentStream`).
     """
+    if not isinstance(resident, bool):
+        raise ConfigError(f"data.resident must be true or false, got {resident!r}")
+    if resident and num_workers:
+        raise ConfigError(
+            "data.resident=true reads no files while training, so it takes no DataLoader "
+            f"workers; set data.num_workers=0 (got {num_workers})"
+        )
     options = {"n_features": n_features, "label_column": label_column}
     train = _prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
     val = None if val_path is None else _prepared(
@@ -204,6 +216,10 @@ def files(
     description = f"{train.layout} shards {train.root}: {train.rows} rows x {train.n_features}"
     if val is not None:
         description += f", validation {val.index.rows} rows"
+    if resident:
+        stream = ResidentStream(stream)
+        val = None if val is None else ResidentStream(val)
+        description += ", resident on the training device"
     return DataModule(train=stream, val=val, n_features=train.n_features,
                       description=description, n_train=train.rows, num_workers=num_workers,
-                      reader_threads=0 if num_workers else 1)
+                      reader_threads=0 if num_workers or resident else 1, resident=resident)

@@ -19,7 +19,7 @@ The order of an epoch is a pure function of (seed, epoch):
 So every rank yields ceil(S / batch_size) batches per epoch, and the position in an epoch is just
 the number of batches done: `set_epoch(epoch, start_batch=k)` skips the first k by arithmetic.
 
-Batches are prepared by a thread two ahead of the consumer (`preadv` and torch ops release the
+Batches are prepared by a thread one ahead of the consumer (`preadv` and torch ops release the
 GIL), so reading overlaps training. Why chunks and not a row permutation for dense data: on a
 2-core VM a random gather of 4096 rows out of a 32 MiB buffer ran at ~5 GB/s, a third of one
 streaming read, and writing the buffer first cost a second pass; chunks cost neither.
@@ -43,7 +43,7 @@ from largeml.data.shards import ShardIndex, data_offset, open_shards
 
 Batch = tuple[Tensor, Tensor]
 Runs = list[tuple[int, int]]  # (first row, rows) runs of a batch, rows counted within the slice
-PREFETCH = 2  # batches prepared ahead of the consumer
+PREFETCH = 1  # batches read ahead of the consumer (2 was no faster on 2 cores)
 
 
 class ShardStream(IterableDataset):
@@ -97,21 +97,12 @@ class ShardStream(IterableDataset):
         # serves the lane that makes its first batch number start_batch; the lane, not the
         # worker, seeds the shuffle, so a resumed epoch continues exactly.
         lane = (worker + self.start_batch) % n_workers
-        blocks = self.block_order()[lane::n_workers]
-        skip = max(0, -(-(self.start_batch - lane) // n_workers))
         # In a DataLoader worker each batch is pickled into shared memory anyway: batches get
         # their own tensors there instead of reused ones (see _DenseReader).
         reader = _SparseReader(self) if self.sparse else _DenseReader(self, reuse=info is None)
-        work: list[Callable[[], Batch]] = []  # each item reads the next batch
-        for group_start in range(0, len(blocks), self.shuffle_blocks):
-            group = blocks[group_start:group_start + self.shuffle_blocks]
-            if skip >= len(group):
-                skip -= len(group)
-                continue
-            rng = (np.random.default_rng([self.seed, self.epoch, lane, group_start])
-                   if self.shuffle else None)
-            work += [lambda runs=runs: reader.batch(runs) for runs in self.plan(group, rng)[skip:]]
-            skip = 0
+        # Each item reads the next batch.
+        work: list[Callable[[], Batch]] = [
+            lambda runs=runs: reader.batch(runs) for runs in self.lane_runs(lane, n_workers)]
         pool = ThreadPoolExecutor(max_workers=1)
         pending: deque[Future[Batch]] = deque()
         try:
@@ -126,6 +117,22 @@ class ShardStream(IterableDataset):
                 future.cancel()
             pool.shutdown(wait=True)
             reader.close()
+
+    def lane_runs(self, lane: int, n_workers: int) -> Iterator[Runs]:
+        """The runs of each batch that lane `lane` of `n_workers` serves this epoch, from its
+        first batch at or after `start_batch` on. With one lane: every batch of the epoch, in
+        order, which is how `ResidentStream` cuts the same batches from memory."""
+        blocks = self.block_order()[lane::n_workers]
+        skip = max(0, -(-(self.start_batch - lane) // n_workers))
+        for group_start in range(0, len(blocks), self.shuffle_blocks):
+            group = blocks[group_start:group_start + self.shuffle_blocks]
+            if skip >= len(group):
+                skip -= len(group)
+                continue
+            rng = (np.random.default_rng([self.seed, self.epoch, lane, group_start])
+                   if self.shuffle else None)
+            yield from self.plan(group, rng)[skip:]
+            skip = 0
 
     def plan(self, group: np.ndarray, rng: np.random.Generator | None) -> list[Runs]:
         """The batches of a group of blocks (one per block), each as runs of rows.
