@@ -30,8 +30,9 @@ import math
 import os
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,9 @@ class ShardStream(IterableDataset):
         # In a DataLoader worker each batch is pickled into shared memory anyway: batches get
         # their own tensors there instead of reused ones (see _DenseReader).
         reader = _SparseReader(self) if self.sparse else _DenseReader(self, reuse=info is None)
-        # Each item reads the next batch.
-        work: list[Callable[[], Batch]] = [
-            lambda runs=runs: reader.batch(runs) for runs in self.lane_runs(lane, n_workers)]
+        # Each item reads the next batch; planned a group at a time as the epoch goes, not all
+        # at its start (an epoch of a large set has millions of batches).
+        work = (partial(reader.batch, runs) for runs in self.lane_runs(lane, n_workers))
         pool = ThreadPoolExecutor(max_workers=1)
         pending: deque[Future[Batch]] = deque()
         try:
