@@ -58,7 +58,8 @@ def validate(cfg: DictConfig) -> None:
             ) from err
         _known_keys(cfg, section, target, runtime)
     _known_keys(cfg, "trainer", Trainer.__init__, {
-        "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "run_dir", "config", "hparams"})
+        "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "run_dir", "config", "hparams",
+        "processes"})
 
     for key in OmegaConf.to_container(cfg.data, resolve=False):
         if OmegaConf.is_missing(cfg.data, key):

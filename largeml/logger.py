@@ -14,9 +14,11 @@ HParamValue = bool | int | float | str
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard hides what the interrupted run
+        had logged from that step on, so the curves do not double back."""
         self.run_dir = run_dir
-        self.writer = SummaryWriter(log_dir=str(run_dir))
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
         for name, value in metrics.items():
@@ -65,3 +67,19 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValu
         else:
             flat[name] = str(value)
     return flat
+
+
+class NoLogger:
+    """What ranks other than 0 log: nothing (rank 0 writes the run's record)."""
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def write_metrics(self, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def finish(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,10 +1,13 @@
 """`python -m largeml.train [overrides]`: compose the config, build the parts, fit.
 
 The config tree is in `configs/`; `train.yaml` lists the groups and their defaults.
+`torchrun --nproc_per_node=N -m largeml.train [overrides]` runs the same job on N processes; all
+of them share one run directory (`launch_dir`), which only rank 0 writes to.
 """
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -15,14 +18,43 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from largeml import distributed
 from largeml.config import l2_strength, validate
+from largeml.data.batches import check_batch_size
+from largeml.distributed import Processes, launch_id
 from largeml.errors import LargemlError
 from largeml.logger import flatten
-from largeml.trainer import Trainer
+from largeml.trainer import Preempted, Trainer
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def launch_dir(default: str) -> str:
+    """The run directory: `default` (outputs/<date>/<time>) for one process; under torchrun
+    `outputs/torchrun/<run id>`, the same on every rank and node and across the restarts of one
+    launch (each process's clock would give each its own <time>)."""
+    run_id = launch_id()
+    return f"outputs/torchrun/{run_id}" if run_id else default
+
+
+def main_process_only(value: str) -> str | None:
+    """`value` on rank 0, None elsewhere: Hydra writes `.hydra/` only for rank 0."""
+    return value if Processes.from_env().main else None
+
+
+def rank_suffix() -> str:
+    """`.rank<N>` for ranks other than 0: each process logs to its own file."""
+    rank = Processes.from_env().rank
+    return f".rank{rank}" if rank else ""
+
+
+for _name, _resolver in (("largeml.launch_dir", launch_dir),
+                         ("largeml.main_process_only", main_process_only),
+                         ("largeml.rank_suffix", rank_suffix)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
 
 
 def build(config: DictConfig, **runtime):
@@ -48,15 +80,18 @@ def build_function(config: DictConfig) -> functools.partial:
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
     """Trains as `cfg` says, writing everything into `run_dir`; returns the final metrics."""
     validate(cfg)
+    processes = Processes.from_env()
+    check_batch_size(cfg.data.batch_size, processes.world_size)
     torch.manual_seed(cfg.seed)
-    data = build(cfg.data)
+    data = build(cfg.data, rank=processes.rank, world_size=processes.world_size)
     log.info("data: %s", data.description)
     model = build(cfg.model, n_features=data.n_features)
     l2 = l2_strength(cfg.regularization, data.n_train)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if processes.main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     hparams = {**flatten(config), **(choices or {}), "regularization.lambda": l2}
     trainer = Trainer(
         model=model,
@@ -68,17 +103,28 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
         run_dir=run_dir,
         config=config,
         hparams=hparams,
+        processes=processes,
         **cfg.trainer,
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        distributed.stop()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     runtime = HydraConfig.get().runtime
+    if not Processes.from_env().main:  # the console shows rank 0's progress; others' warnings
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.WARNING)
     choices = {f"choice.{k}": v for k, v in runtime.choices.items() if not k.startswith("hydra")}
     try:
         run(cfg, Path(runtime.output_dir), choices)
+    except Preempted as err:
+        log.warning("%s", err)
+        sys.exit(128 + signal.SIGTERM)  # what a shell reports for a job SIGTERM ended
     except LargemlError as err:
         log.error("%s", err)
         sys.exit(2)

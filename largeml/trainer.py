@@ -1,31 +1,46 @@
 """The Trainer: device placement, the training loop, validation, logging and checkpoints.
 
-`fit()` reads top to bottom: for each epoch, `train_step` on groups of batches, then
-`validate` and `save_checkpoint`. Models, losses and optimizers arrive built; the Trainer only
-decides where they run and when each thing happens.
+`fit()` reads top to bottom: resume from the newest complete checkpoint, then for each epoch
+`train_step` on groups of batches, then `validate` and `save_checkpoint`. Models, losses and
+optimizers arrive built; the Trainer only decides where they run and when each thing happens.
+
+Under torchrun every process runs the same loop on its share of each global batch (see
+`largeml.data.batches`), the model wrapped in DistributedDataParallel; decisions (stop on
+SIGTERM, best checkpoint, early stopping) come from values reduced over all ranks, so every rank
+takes the same ones; only rank 0 writes logs, metrics and checkpoints.
 """
 
 import logging
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 import largeml
-from largeml.checkpoint import save_checkpoint
+from largeml import distributed
+from largeml.checkpoint import (
+    DamagedCheckpoint,
+    link,
+    load_checkpoint,
+    newest_complete,
+    prune,
+    save_checkpoint,
+)
 from largeml.data import BatchDataset, DataModule
-from largeml.errors import ConfigError
-from largeml.logger import HParamValue, RunLogger
+from largeml.distributed import Processes
+from largeml.errors import ConfigError, LargemlError
+from largeml.logger import HParamValue, NoLogger, RunLogger
 from largeml.metrics import accuracy, roc_auc
 from largeml.models import penalised_weights
 
@@ -33,18 +48,24 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
+BEST_METRICS = {"val/loss": min, "val/accuracy": max, "val/auc": max}
 
 
-def resolve_device(device: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an error."""
+class Preempted(LargemlError):
+    """SIGTERM arrived: the step in progress finished and `last.pt` holds it."""
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an error. `auto`
+    and `cuda` mean `cuda:LOCAL_RANK`: one GPU per process under torchrun."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.device={device} but PyTorch sees no CUDA device "
             f"(torch {torch.__version__}); use trainer.device=auto or trainer.device=cpu"
         )
-    return torch.device(device)
+    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 class Trainer:
@@ -68,12 +89,27 @@ class Trainer:
         grad_clip_norm: float | None = None,
         accumulate_grad_batches: int = 1,
         checkpoint_every_n_steps: int | None = None,
+        keep_checkpoints: int = 3,
+        best_metric: str = "val/loss",
+        early_stopping_patience: int | None = None,
+        resume: str | None = "auto",
+        dist_timeout: float = 300.0,
         num_threads: int | None = None,
+        processes: Processes | None = None,
     ) -> None:
-        self.device = resolve_device(device)
-        self.num_threads = num_threads or cpu_threads(data.reader_threads)
+        self.processes = processes or Processes()
+        self.device = resolve_device(device, self.processes.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.num_threads = num_threads or cpu_threads(
+            data.reader_threads, self.processes.local_world_size)
         torch.set_num_threads(self.num_threads)
-        self.model = model.to(self.device)
+        distributed.start(self.processes, self.device, dist_timeout)
+        self.module = model.to(self.device)  # the model itself: its state_dict is the checkpoint's
+        self.model = self.module  # what the loop calls: under torchrun, wrapped in DDP
+        if self.processes.distributed:
+            self.model = DistributedDataParallel(
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
         self.loss_fn = loss_fn
         self.l2 = l2
@@ -86,19 +122,34 @@ class Trainer:
         self.grad_clip_norm = grad_clip_norm
         self.accumulate = accumulate_grad_batches
         self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        if best_metric not in BEST_METRICS:
+            raise ConfigError(f"trainer.best_metric must be one of {', '.join(BEST_METRICS)}, "
+                              f"got {best_metric!r}")
+        self.keep_checkpoints = keep_checkpoints
+        self.best_metric = best_metric
+        self.early_stopping_patience = early_stopping_patience
+        self.resume = resume
+        self.checkpoints = run_dir / "checkpoints"
 
         self.steps_per_epoch = math.ceil(len(data.train) / self.accumulate)
         self.max_epochs = max_epochs
         self.total_steps = max_epochs * self.steps_per_epoch
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
-        self.penalised = penalised_weights(self.model)
-        self.optimizer = optimizer(self.model.parameters())
+        self.penalised = penalised_weights(self.module)
+        self.optimizer = optimizer(self.module.parameters())
         self.scheduler = scheduler(self.optimizer, total_steps=self.total_steps, l2=l2)
-        self.logger = RunLogger(run_dir)
+        self.logger: RunLogger | NoLogger = NoLogger()
 
         self.step = 0
         self.epoch = 0
+        self.batch_in_epoch = 0  # the position in the epoch, in batches: where a resume goes on
+        self.best: float | None = None  # the best `best_metric` so far
+        self.best_step = -1
+        self.stale_validations = 0  # validations since `best` last improved
+        self.stop_reason: str | None = None
+        self._sigterm = False
+        self._saved_step = -1
         # Throughput counts the time in the loop, data loading included, but not the time spent
         # validating or checkpointing (`_paused`).
         self.train_seconds = 0.0
@@ -114,42 +165,64 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
+        """Trains to `max_epochs` / `max_steps` (or early stopping), resuming first as `resume`
+        says. On SIGTERM: finishes the step, saves `last.pt` and raises `Preempted`."""
         log.info(
-            "training on %s (%d CPU threads): %d steps, %d per epoch, %s precision",
-            self.device, self.num_threads, self.total_steps, self.steps_per_epoch, self.precision,
+            "training on %s (%d CPU threads, %d processes): %d steps, %d per epoch, "
+            "%s precision", self.device, self.num_threads, self.processes.world_size,
+            self.total_steps, self.steps_per_epoch, self.precision,
         )
+        self._resume()
+        if self.processes.main:  # resumed: TensorBoard hides what a killed run logged later
+            self.logger = RunLogger(self.run_dir, purge_step=self.step or None)
+        previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
             if self.data.resident:
                 self._load_resident()
             self._window_start = time.perf_counter()
-            while self.step < self.total_steps:
-                self.data.train.set_epoch(self.epoch)
-                steps = min(self.steps_per_epoch, self.total_steps - self.step)
-                groups = _groups(self._loader(self.data.train), self.accumulate)
-                for batches in islice(groups, steps):
-                    self._window_loss += self.train_step(batches)
-                    self._window_rows += sum(len(y) for _, y in batches)
-                    if self.step % self.log_every_n_steps == 0:
-                        self._log_train()
-                    if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
-                        self.validate()
-                    if (
-                        self.checkpoint_every_n_steps
-                        and self.step % self.checkpoint_every_n_steps == 0
-                    ):
-                        self.save_checkpoint()
-                if steps == self.steps_per_epoch:
-                    self.epoch += 1
-                self.validate()
-                self.save_checkpoint()
+            self._train()
             if self._window_rows:
                 self._log_train()
+            if self.stop_reason == "SIGTERM":
+                self.save_checkpoint()
+                self.logger.write_metrics(self._final_metrics())
+                raise Preempted(
+                    f"stopped by SIGTERM after step {self.step}; {self.checkpoints / 'last.pt'} "
+                    "holds it: run the same command again to resume"
+                )
             final = self._final_metrics()
             self.logger.finish(self.hparams, final, self.step)
         finally:
+            signal.signal(signal.SIGTERM, previous_handler)
             self.logger.close()
         log.info("final: %s", _format(final))
         return final
+
+    def _train(self) -> None:
+        train = self.data.train
+        while self.step < self.total_steps and self.stop_reason is None:
+            train.set_epoch(self.epoch, self.batch_in_epoch)
+            for batches in _groups(self._loader(train), self.accumulate):
+                self._window_loss += self.train_step(batches)
+                self._window_rows += sum(len(y) for _, y in batches)
+                if self.step % self.log_every_n_steps == 0:
+                    self._log_train()
+                if self._sigterm_anywhere():
+                    self.stop_reason = "SIGTERM"
+                    return
+                if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
+                    self.validate()
+                if self.stop_reason or (
+                    self.checkpoint_every_n_steps and self.step % self.checkpoint_every_n_steps == 0
+                ):
+                    self.save_checkpoint()
+                if self.step >= self.total_steps or self.stop_reason:
+                    break
+            if self.batch_in_epoch >= len(train):
+                self.epoch += 1
+                self.batch_in_epoch = 0
+            self.validate()
+            self.save_checkpoint()
 
     def train_step(self, batches: list[Batch]) -> Tensor:
         """One optimizer step on mean loss + λ/2·‖w‖² over all rows of `batches` (gradient
@@ -158,13 +231,16 @@ class Trainer:
         self.model.train()
         rows = sum(len(y) for _, y in batches)
         total = torch.zeros((), device=self.device)
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-            with self._autocast():
-                scores = self.model(x)
-            losses = self.loss_fn(scores.float(), y)
-            (losses.sum() / rows).backward()
+            # Under DDP, gradients are averaged over ranks once, on the group's last batch.
+            last = i == len(batches) - 1
+            with nullcontext() if last else self._no_sync():
+                with self._autocast():
+                    scores = self.model(x)
+                losses = self.loss_fn(scores.float(), y)
+                (losses.sum() / rows).backward()
             total += losses.detach().sum()
         if self.l2 > 0:
             # The gradient of λ/2·‖w‖² is λ·w. Added directly it costs one op per weight
@@ -177,18 +253,22 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.batch_in_epoch += len(batches)
         return total
 
     @torch.inference_mode()
     def evaluate(self, dataset: BatchDataset) -> dict[str, float]:
-        """Loss, accuracy and exact ROC AUC over every row of `dataset`."""
-        self.model.eval()
-        scores, targets = [], []
+        """Loss, accuracy and exact ROC AUC over every row of `dataset`: each rank scores its
+        share of the rows, and every rank computes the metrics from all of them."""
+        self.module.eval()
+        scores = [torch.zeros(0, device=self.device)]
+        targets = [torch.zeros(0, device=self.device)]
         for x, y in self._loader(dataset):
             with self._autocast():
-                scores.append(self.model(x.to(self.device, non_blocking=True)).float())
+                scores.append(self.module(x.to(self.device, non_blocking=True)).float())
             targets.append(y.to(self.device, non_blocking=True))
-        s, t = torch.cat(scores), torch.cat(targets)
+        s = distributed.gather_rows(torch.cat(scores))
+        t = distributed.gather_rows(torch.cat(targets))
         return {
             "loss": self.loss_fn(s, t).mean().item(),
             "accuracy": accuracy(s, t),
@@ -200,27 +280,105 @@ class Trainer:
             return self._last_val
         with self._paused():
             metrics = {f"val/{k}": v for k, v in self.evaluate(self.data.val).items()}
+        self._last_val, self._last_val_step = metrics, self.step
+        value = metrics[self.best_metric]
+        better = BEST_METRICS[self.best_metric]
+        if self.best is None or (value != self.best and better(value, self.best) == value):
+            self.best, self.best_step, self.stale_validations = value, self.step, 0
+        else:
+            self.stale_validations += 1
+            patience = self.early_stopping_patience
+            if patience and self.stale_validations >= patience:
+                self.stop_reason = "early stopping"
+                log.info("early stopping: %s has not improved on %.6g (step %d) in %d validations",
+                         self.best_metric, self.best, self.best_step, self.stale_validations)
         self.logger.log(metrics, self.step)
         self.logger.write_metrics(self._final_metrics(metrics))
         log.info("step %d epoch %d: %s", self.step, self.epoch, _format(metrics))
-        self._last_val, self._last_val_step = metrics, self.step
+        if self.best_step == self.step and self.step > 0:
+            self.save_checkpoint()  # best.pt must hold this very step
         return metrics
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes `step-N.pt`, points `last.pt` (and `best.pt` when this step is the best)
+        at it and keeps the newest `keep_checkpoints` step files. Every rank must call it: it
+        gathers each rank's RNG state first, which also waits until all have finished the step."""
+        if self._saved_step == self.step:
+            return
         with self._paused():
-            self._save_checkpoint()
+            rng = distributed.gather_objects(_rng_state(self.device))
+            if self.processes.main:
+                self._write_checkpoint(rng)
+        self._saved_step = self.step
 
-    def _save_checkpoint(self) -> None:
+    def _write_checkpoint(self, rng: list[dict[str, Tensor]]) -> None:
         state = {
-            "model": self.model.state_dict(),
+            "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "scaler": None,  # bf16 autocast needs no gradient scaler
             "step": self.step,
             "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": {"metric": self.best_metric, "value": self.best, "step": self.best_step,
+                     "stale_validations": self.stale_validations},
+            "rng": rng,  # one entry per rank
+            "progress": {"rows_seen": self.rows_seen, "train_seconds": self.train_seconds,
+                         "last_train": self._last_train, "last_val": self._last_val},
+            "world_size": self.processes.world_size,
             "config": self.config,
             "versions": {"largeml": largeml.__version__, "torch": str(torch.__version__)},
         }
-        save_checkpoint(state, self.run_dir / "checkpoints" / "last.pt")
+        path = self.checkpoints / f"step-{self.step:09d}.pt"
+        save_checkpoint(state, path)
+        link(path, self.checkpoints / "last.pt")
+        if self.best_step == self.step:
+            link(path, self.checkpoints / "best.pt")
+        prune(self.checkpoints, self.keep_checkpoints)
+
+    def _resume(self) -> None:
+        """`resume=auto`: from the newest complete checkpoint of this run directory, if any;
+        `resume=<path>`: from that file; `resume=null`: from scratch. Rank 0 reads the file and
+        sends it to the others, so only rank 0 needs to see the run directory."""
+        if self.resume is None:
+            return
+        state = None
+        if self.processes.main:
+            if self.resume == "auto":
+                found = newest_complete(self.checkpoints)
+                state = None if found is None else found[1]
+                if found is not None:
+                    log.info("resuming from %s", found[0])
+            else:
+                try:
+                    state = load_checkpoint(Path(self.resume))
+                except (DamagedCheckpoint, OSError) as err:
+                    raise ConfigError(f"trainer.resume={self.resume}: {err}") from err
+                log.info("resuming from %s", self.resume)
+        state = distributed.from_main(state)
+        if state is None:
+            return
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        best = state["best"]
+        if best["metric"] == self.best_metric:
+            self.best, self.best_step = best["value"], best["step"]
+            self.stale_validations = best["stale_validations"]
+        progress = state["progress"]
+        self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
+        self._last_train, self._last_val = progress["last_train"], progress["last_val"]
+        self._last_val_step = self._saved_step = self.step
+        rng = state["rng"]
+        if len(rng) == self.processes.world_size:
+            _set_rng_state(rng[self.processes.rank], self.device)
+        else:
+            log.warning("resuming %d processes from a checkpoint of %d: RNG states not restored",
+                        self.processes.world_size, len(rng))
+        log.info("resumed at step %d (epoch %d, batch %d of the epoch)",
+                 self.step, self.epoch, self.batch_in_epoch)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -242,6 +400,19 @@ class Trainer:
         log.info("data resident on %s, loaded in %.1f s", self.device,
                  time.perf_counter() - started)
 
+    def _no_sync(self):
+        return self.model.no_sync() if self.processes.distributed else nullcontext()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        log.warning("SIGTERM: stopping after this step and saving a checkpoint")
+        self._sigterm = True
+
+    def _sigterm_anywhere(self) -> bool:
+        """Whether any rank got SIGTERM: all ranks stop at the same step."""
+        if self.processes.distributed:
+            return distributed.any_(self._sigterm, self.device)
+        return self._sigterm
+
     def _autocast(self):
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
@@ -261,14 +432,17 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _log_train(self) -> None:
-        loss = self._window_loss.item() / self._window_rows  # .item() waits for the device
+        # Summed over ranks: the loss over all rows of the window, and all ranks' rows.
+        window = torch.stack([self._window_loss.float(),
+                              torch.tensor(float(self._window_rows), device=self.device)])
+        loss_sum, rows = distributed.sum_(window).tolist()  # .tolist() waits for the device
         seconds = time.perf_counter() - self._window_start - self._window_paused
-        self.rows_seen += self._window_rows
+        self.rows_seen += int(rows)
         self.train_seconds += seconds
         self._last_train = {
-            "train/loss": loss,
+            "train/loss": loss_sum / rows,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/samples_per_sec": self._window_rows / max(seconds, 1e-9),
+            "train/samples_per_sec": rows / max(seconds, 1e-9),
         }
         self.logger.log(self._last_train, self.step)
         self._window_loss.zero_()
@@ -285,14 +459,30 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "cpu_threads": self.num_threads,
+            "processes": self.processes.world_size,
+            **({"stopped": self.stop_reason} if self.stop_reason else {}),
         }
 
 
-def cpu_threads(reader_threads: int = 0) -> int:
-    """Torch's intra-op threads: the cores this process may run on, less one per thread that
-    reads data ahead (on 2 cores, two compute threads plus a reader thread ran the streaming
-    benchmark 1.5x slower than one compute thread plus the reader)."""
-    return max(1, len(os.sched_getaffinity(0)) - reader_threads)
+def cpu_threads(reader_threads: int = 0, local_processes: int = 1) -> int:
+    """Torch's intra-op threads: this process's share of the cores it may run on (cores / the
+    processes torchrun started on this machine), less one per thread that reads data ahead (on
+    2 cores, two compute threads plus a reader thread ran the streaming benchmark 1.5x slower
+    than one compute thread plus the reader)."""
+    return max(1, len(os.sched_getaffinity(0)) // local_processes - reader_threads)
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from largeml.data.shards import ShardWriter
 from largeml.data.stream import ShardStream
+from largeml.errors import ConfigError
 
 N, D = 1003, 6
 
@@ -48,21 +49,50 @@ def batches(stream: ShardStream, workers: int) -> list[tuple[torch.Tensor, torch
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 @pytest.mark.parametrize("shuffle", [False, True])
 @pytest.mark.parametrize("layout", ["dense", "sparse"])
-def test_ranks_get_equal_disjoint_exact_batches(datasets, layout, shuffle, world_size, workers):
+def test_ranks_split_every_global_batch_equally(datasets, layout, shuffle, world_size, workers):
+    """Batch k of every rank is its share of batch k of a single process: the same rows, split
+    into equal disjoint parts (the last batch's last N % B % W rows aside)."""
     root, x, y = datasets
-    seen = []
-    for rank in range(world_size):
-        stream = ShardStream(root / layout, batch_size=32, shuffle=shuffle, seed=1,
-                             shuffle_blocks=4, rank=rank, world_size=world_size)
+    batch = 30  # a multiple of 1, 2 and 3: the global batch
+
+    def stream_of(rank: int, world: int) -> ShardStream:
+        stream = ShardStream(root / layout, batch_size=batch, shuffle=shuffle, seed=1,
+                             shuffle_blocks=4, rank=rank, world_size=world)
         stream.set_epoch(3)
-        got = batches(stream, workers)
-        assert len(got) == len(stream) == -(-(N // world_size) // 32)
+        return stream
+
+    # The same number of DataLoader workers: they interleave their own groups of blocks.
+    single = [set((bx[:, 0].long() - 1).tolist()) for bx, _ in batches(stream_of(0, 1), workers)]
+    ranks = [batches(stream_of(rank, world_size), workers) for rank in range(world_size)]
+    for got in ranks:
+        assert len(got) == len(single) == -(-N // batch)  # 1003 % 30 = 13 rows: every rank some
         for bx, by in got:
             rows = bx[:, 0].long().numpy() - 1
             assert torch.equal(bx, torch.from_numpy(x[rows]))
             assert torch.equal(by, torch.from_numpy(y[rows]))
-            seen.extend(rows.tolist())
-    assert len(seen) == len(set(seen)) == (N // world_size) * world_size
+    for k, whole in enumerate(single):
+        shares = [got[k][0][:, 0].long() - 1 for got in ranks]
+        assert len({len(share) for share in shares}) == 1
+        together = torch.cat(shares)
+        assert len(set(together.tolist())) == len(together) == len(whole) // world_size * world_size
+        assert set(together.tolist()) <= whole
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_streams_read_every_row_once(datasets, world_size):
+    root, x, _ = datasets
+    rows = []
+    for rank in range(world_size):
+        stream = ShardStream(root / "dense", batch_size=64, shuffle=False, rank=rank,
+                             world_size=world_size, evaluation=True)
+        rows += torch.cat([bx[:, 0] for bx, _ in batches(stream, 0)]).long().tolist()
+    assert rows == list(range(1, N + 1))
+
+
+def test_a_global_batch_must_split_evenly(datasets):
+    root, _, _ = datasets
+    with pytest.raises(ConfigError, match="data.batch_size=32 is the global batch.*multiple of 3"):
+        ShardStream(root / "dense", batch_size=32, shuffle=True, rank=0, world_size=3)
 
 
 @pytest.mark.parametrize("layout", ["dense", "sparse"])

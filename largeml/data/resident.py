@@ -3,9 +3,11 @@
 `ResidentStream` yields exactly the batches its `ShardStream` would stream, the same rows in the
 same order (a pure function of seed and epoch, with the same resume by `set_epoch(epoch,
 start_batch)`), because it takes each batch's runs of rows from the stream's own plan. It cuts
-them out of one copy of the rank's rows and labels that the Trainer places on its device once,
-before training: from then on no file is read and nothing is copied to the device. Dense data
-only: a sparse batch would have to be re-assembled from slices of the CSR arrays.
+them out of one copy of the stream's rows and labels that the Trainer places on its device once,
+before training (for training that is every row, as a rank's share of a global batch can come
+from anywhere; for evaluation, the rank's share of the rows): from then on no file is read and
+nothing is copied to the device. Dense data only: a sparse batch would have to be re-assembled
+from slices of the CSR arrays.
 """
 
 from collections.abc import Iterator
@@ -39,13 +41,13 @@ class ResidentStream(IterableDataset):
         self.stream.set_epoch(epoch, start_batch)
 
     def to_device(self, device: torch.device) -> None:
-        """Reads the rank's rows and labels into tensors on `device`, one shard piece at a time,
+        """Reads the stream's rows and labels into tensors on `device`, one shard piece at a time,
         so host memory holds at most one piece beside them."""
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if self.nbytes > free:
                 raise ConfigError(
-                    f"data.resident=true: this rank's rows and labels take "
+                    f"data.resident=true: the rows and labels take "
                     f"{self.nbytes / 2**30:.2f} GiB but {device} has {free / 2**30:.2f} GiB "
                     "free; set data.resident=false to stream them"
                 )

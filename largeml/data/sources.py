@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from largeml.data.batches import DataModule, InMemoryBatches
+from largeml.data.batches import DataModule, InMemoryBatches, eval_share
 from largeml.data.libsvm import read_libsvm
 from largeml.data.resident import ResidentStream
 from largeml.data.shards import ShardIndex, open_shards
@@ -44,11 +44,17 @@ def _module(
     batch_size: int,
     seed: int,
     description: str,
+    rank: int,
+    world_size: int,
 ) -> DataModule:
     if batch_size < 1:
         raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
+    if val is not None:  # each rank evaluates its own share of the rows
+        lo, hi = eval_share(len(val[1]), rank, world_size)
+        val = val[0][lo:hi], val[1][lo:hi]
     return DataModule(
-        train=InMemoryBatches(*train, batch_size=batch_size, shuffle=True, seed=seed),
+        train=InMemoryBatches(*train, batch_size=batch_size, shuffle=True, seed=seed,
+                              rank=rank, world_size=world_size),
         val=None if val is None else InMemoryBatches(*val, EVAL_BATCH_SIZE, shuffle=False),
         n_features=train[0].shape[1],
         description=description,
@@ -75,6 +81,8 @@ def synthetic(
     val_fraction: float = 0.2,
     seed: int = 0,
     batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataModule:
     """Gaussian features, labels from a random hyperplane plus Gaussian noise on the margin.
 
@@ -99,7 +107,7 @@ def synthetic(
         f"synthetic: {n_samples} rows x {n_features} features, noise {noise}; "
         f"best possible accuracy {bayes:.4f}"
     )
-    module = _module(train, val, batch_size, seed, description)
+    module = _module(train, val, batch_size, seed, description, rank, world_size)
     if val is not None:
         module.reference_accuracy = ((val[0] @ w > 0).float() == val[1]).float().mean().item()
         module.description += f", {module.reference_accuracy:.4f} on these validation rows"
@@ -113,6 +121,8 @@ def libsvm(
     val_fraction: float = 0.1,
     seed: int = 0,
     batch_size: int = 256,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataModule:
     """Trains on a LIBSVM file; validates on `val_path`, else on a held-out `val_fraction`.
 
@@ -136,10 +146,10 @@ def libsvm(
         val = tensors(val_rows, val_path)
     n_val = 0 if val is None else len(val[1])
     description = f"libsvm {train_path}: {len(train[1])} train, {n_val} val rows x {width}"
-    return _module(train, val, batch_size, seed, description)
+    return _module(train, val, batch_size, seed, description, rank, world_size)
 
 
-def a9a(batch_size: int = 256, seed: int = 0) -> DataModule:
+def a9a(batch_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataModule:
     """UCI Adult as LIBSVM's a9a: 32,561 training and 16,281 test rows, 123 binary features."""
     module = libsvm(
         str(A9A_DIR / "a9a.gz"),
@@ -147,6 +157,8 @@ def a9a(batch_size: int = 256, seed: int = 0) -> DataModule:
         n_features=A9A_FEATURES,
         seed=seed,
         batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
     )
     module.description = "a9a (UCI Adult, CC BY 4.0): 32561 train, 16281 val rows x 123"
     return module
@@ -212,7 +224,7 @@ def files(
                          shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
     if val is not None:
         val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size,
-                          n_features=train.n_features)
+                          n_features=train.n_features, evaluation=True)
     description = f"{train.layout} shards {train.root}: {train.rows} rows x {train.n_features}"
     if val is not None:
         description += f", validation {val.index.rows} rows"

@@ -2,11 +2,13 @@
 
 The order of an epoch is a pure function of (seed, epoch):
 
-1. Each distributed rank takes an equal contiguous slice of the rows: rank r of W reads rows
-   [r·S, (r+1)·S) with S = rows // W (the last rows % W rows are left out, fewer than W). Every
-   rank therefore has the same number of batches by construction.
-2. The slice is cut into blocks of `batch_size` consecutive rows (the last may be shorter). With
+1. The rows are cut into blocks of `batch_size` consecutive rows (the last may be shorter). With
    `shuffle`, the block order is permuted.
+2. Under torchrun, `batch_size` is the global batch and rank r of W reads its share of every
+   batch (`rank_share`: batch_size / W rows), so every rank has the same number of batches of
+   the same size by construction, and the batches are the same whatever W is. An evaluation
+   stream (`evaluation=True`) instead reads the rank's contiguous share of the rows: every row
+   once over all ranks.
 3. DataLoader workers take every n-th block of that order (see `lane` below) and mix them in
    groups of `shuffle_blocks` blocks, one batch per block: with `shuffle`, each block of the
    group is rotated by a random offset and cut into as many chunks as the group has blocks, and
@@ -16,7 +18,7 @@ The order of an epoch is a pure function of (seed, epoch):
    Rows within a chunk (batch_size / shuffle_blocks consecutive rows) stay together; the chunks
    move each epoch. The order thus depends on (seed, epoch, number of workers).
 
-So every rank yields ceil(S / batch_size) batches per epoch, and the position in an epoch is just
+So every rank yields the same number of batches per epoch, and the position in an epoch is just
 the number of batches done: `set_epoch(epoch, start_batch=k)` skips the first k by arithmetic.
 
 Batches are prepared by a thread one ahead of the consumer (`preadv` and torch ops release the
@@ -26,7 +28,6 @@ streaming read, and writing the buffer first cost a second pass; chunks cost nei
 """
 
 import bisect
-import math
 import os
 import warnings
 from collections import deque
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from largeml.data.batches import check_batch_size, eval_share, global_batches, rank_share
 from largeml.data.shards import ShardIndex, data_offset, open_shards
 
 Batch = tuple[Tensor, Tensor]
@@ -58,6 +60,7 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         n_features: int | None = None,
+        evaluation: bool = False,
     ) -> None:
         """`n_features` widens sparse batches beyond the data's own width, e.g. to the width of
         the training set when a validation set lacks its last features."""
@@ -67,12 +70,16 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.sparse = self.index.layout == "sparse"
         self.shuffle_blocks = max(1, shuffle_blocks)
-        self.n_rows = self.index.rows // world_size
-        if self.n_rows == 0:
+        self.rank, self.world_size = (0, 1) if evaluation else (rank, world_size)
+        # The rows this stream reads from: the rank's share for evaluation, else all of them.
+        lo, hi = (eval_share(self.index.rows, rank, world_size) if evaluation
+                  else (0, self.index.rows))
+        self.first_row, self.n_rows = lo, hi - lo
+        if self.n_rows < self.world_size:
             raise ValueError(f"{self.index.root}: {self.index.rows} rows for {world_size} ranks")
-        self.first_row = rank * self.n_rows
+        check_batch_size(batch_size, self.world_size)
         self.n_features = max(n_features or 0, self.index.n_features)
-        self.n_blocks = math.ceil(self.n_rows / batch_size)
+        self.n_blocks = global_batches(self.n_rows, batch_size, self.world_size)
         self.shard_starts = np.cumsum([0] + [s.rows for s in self.index.shards]).tolist()
         self.epoch, self.start_batch = 0, 0
 
@@ -132,7 +139,8 @@ class ShardStream(IterableDataset):
                 continue
             rng = (np.random.default_rng([self.seed, self.epoch, lane, group_start])
                    if self.shuffle else None)
-            yield from self.plan(group, rng)[skip:]
+            for runs in self.plan(group, rng)[skip:]:
+                yield self.share(runs)
             skip = 0
 
     def plan(self, group: np.ndarray, rng: np.random.Generator | None) -> list[Runs]:
@@ -168,6 +176,19 @@ class ShardStream(IterableDataset):
                 batches[-1].append((first, take))
                 first, rows, room = first + take, rows - take, room - take
         return batches
+
+    def share(self, runs: Runs) -> Runs:
+        """This rank's share of a global batch's runs."""
+        if self.world_size == 1:
+            return runs
+        lo, hi = rank_share(sum(rows for _, rows in runs), self.rank, self.world_size)
+        out, at = [], 0
+        for first, rows in runs:
+            a, b = max(lo, at), min(hi, at + rows)
+            if a < b:
+                out.append((first + a - at, b - a))
+            at += rows
+        return out
 
     def pieces(self, first: int, rows: int) -> list[tuple[int, int, int]]:
         """The (shard number, first row, end row) pieces, within shards, of rows
