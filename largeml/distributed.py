@@ -7,7 +7,10 @@ each gives up after the process group's timeout (`trainer.dist_timeout`) instead
 forever for a rank that died or hangs.
 """
 
+import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,10 +53,23 @@ class Processes:
 
 
 def launch_id() -> str | None:
-    """torchrun's run id (`--rdzv-id`, else a fresh uuid per launch): the same on every rank and
-    node, and across the restarts of one launch."""
+    """torchrun's run id (`--rdzv-id`, or a fresh uuid per launch without `--master_port`): the
+    same on every rank and node, and across the restarts of one launch."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     return run_id if run_id and run_id != "none" else None
+
+
+@functools.cache
+def agreed(key: str, proposal: str) -> str:
+    """The first `proposal` any process of this torchrun launch made for `key`: kept in the
+    store torchrun's agent runs at MASTER_ADDR:MASTER_PORT, which outlives restarts of the
+    workers. Without that store (no torchrun), `proposal` itself."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_PORT" not in env:
+        return proposal
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                          timeout=timedelta(seconds=60))
+    return store.compare_set(f"largeml/{key}", "", proposal).decode()
 
 
 def start(processes: Processes, device: torch.device, timeout_s: float) -> None:
@@ -61,10 +77,11 @@ def start(processes: Processes, device: torch.device, timeout_s: float) -> None:
     if not processes.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    with failures("joining the process group"):
+        dist.init_process_group(
+            backend, timeout=timedelta(seconds=timeout_s),
+            device_id=device if device.type == "cuda" else None,
+        )
 
 
 def stop() -> None:
@@ -72,20 +89,37 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def _collective(what: str):
-    """Turns a collective's failure into an error that says what happened and what to do."""
+# What the backends' errors say when a peer is gone or silent (gloo raises plain RuntimeErrors,
+# e.g. from DDP's all-reduce inside backward()).
+_PEER_TROUBLE = ("timed out", "timeout", "connection", "closed by peer", "pair closure",
+                 "socket", "gloo", "nccl")
 
+
+@contextmanager
+def failures(what: str) -> Iterator[None]:
+    """Turns a collective's failure into an error that says what happened and what to do;
+    other errors pass through unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        if not (isinstance(err, dist.DistBackendError)
+                or any(marker in message.lower() for marker in _PEER_TROUBLE)):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", 0)
+        first_line = message.splitlines()[0] if message else ""
+        raise DistributedError(
+            f"rank {rank}: {what} failed: another rank died, hangs, or cannot be reached "
+            f"within trainer.dist_timeout ({type(err).__name__}: {first_line})"
+        ) from err
+
+
+def _collective(what: str):
     def wrap(fn):
+        @functools.wraps(fn)
         def call(*args, **kwargs):
-            try:
+            with failures(what):
                 return fn(*args, **kwargs)
-            except RuntimeError as err:  # DistBackendError and gloo's timeouts alike
-                rank = dist.get_rank() if dist.is_initialized() else 0
-                raise DistributedError(
-                    f"rank {rank}: {what} failed: another rank died, hangs, or cannot be reached "
-                    f"within trainer.dist_timeout ({err.__class__.__name__}: "
-                    f"{str(err).splitlines()[0] if str(err) else ''})"
-                ) from err
 
         return call
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from largeml import distributed
 from largeml.config import l2_strength, validate
 from largeml.data.batches import check_batch_size
-from largeml.distributed import Processes, launch_id
+from largeml.distributed import Processes, agreed, launch_id
 from largeml.errors import LargemlError
 from largeml.logger import flatten
 from largeml.trainer import Preempted, Trainer
@@ -32,11 +32,13 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def launch_dir(default: str) -> str:
-    """The run directory: `default` (outputs/<date>/<time>) for one process; under torchrun
-    `outputs/torchrun/<run id>`, the same on every rank and node and across the restarts of one
-    launch (each process's clock would give each its own <time>)."""
+    """The run directory: `default` (outputs/<date>/<time>) for one process. Under torchrun
+    it must be the same on every rank and across the restarts of one launch, where each
+    process's clock would give each its own <time>: `outputs/torchrun/<run id>` when torchrun
+    has a run id (`--rdzv-id`), else the first `default` any of the launch's processes proposed.
+    """
     run_id = launch_id()
-    return f"outputs/torchrun/{run_id}" if run_id else default
+    return f"outputs/torchrun/{run_id}" if run_id else agreed("run_dir", default)
 
 
 def main_process_only(value: str) -> str | None:

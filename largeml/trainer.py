@@ -108,8 +108,10 @@ class Trainer:
         self.module = model.to(self.device)  # the model itself: its state_dict is the checkpoint's
         self.model = self.module  # what the loop calls: under torchrun, wrapped in DDP
         if self.processes.distributed:
-            self.model = DistributedDataParallel(
-                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            with distributed.failures("broadcasting the initial weights"):
+                self.model = DistributedDataParallel(
+                    self.module,
+                    device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
         self.loss_fn = loss_fn
         self.l2 = l2
@@ -149,7 +151,7 @@ class Trainer:
         self.stale_validations = 0  # validations since `best` last improved
         self.stop_reason: str | None = None
         self._sigterm = False
-        self._saved_step = -1
+        self._saved: tuple[int, int, int, int] | None = None
         # Throughput counts the time in the loop, data loading included, but not the time spent
         # validating or checkpointing (`_paused`).
         self.train_seconds = 0.0
@@ -168,9 +170,9 @@ class Trainer:
         """Trains to `max_epochs` / `max_steps` (or early stopping), resuming first as `resume`
         says. On SIGTERM: finishes the step, saves `last.pt` and raises `Preempted`."""
         log.info(
-            "training on %s (%d CPU threads, %d processes): %d steps, %d per epoch, "
-            "%s precision", self.device, self.num_threads, self.processes.world_size,
-            self.total_steps, self.steps_per_epoch, self.precision,
+            "training on %s, %d CPU threads, process %d of %d: %d steps, %d per epoch, "
+            "%s precision", self.device, self.num_threads, self.processes.rank + 1,
+            self.processes.world_size, self.total_steps, self.steps_per_epoch, self.precision,
         )
         self._resume()
         if self.processes.main:  # resumed: TensorBoard hides what a killed run logged later
@@ -180,7 +182,8 @@ class Trainer:
             if self.data.resident:
                 self._load_resident()
             self._window_start = time.perf_counter()
-            self._train()
+            with distributed.failures("training (DDP's gradient all-reduce)"):
+                self._train()
             if self._window_rows:
                 self._log_train()
             if self.stop_reason == "SIGTERM":
@@ -303,13 +306,18 @@ class Trainer:
         """Rank 0 writes `step-N.pt`, points `last.pt` (and `best.pt` when this step is the best)
         at it and keeps the newest `keep_checkpoints` step files. Every rank must call it: it
         gathers each rank's RNG state first, which also waits until all have finished the step."""
-        if self._saved_step == self.step:
+        if self._saved == self._position():
             return
         with self._paused():
             rng = distributed.gather_objects(_rng_state(self.device))
             if self.processes.main:
                 self._write_checkpoint(rng)
-        self._saved_step = self.step
+        self._saved = self._position()
+
+    def _position(self) -> tuple[int, int, int, int]:
+        """What a checkpoint records beyond the step: saving again is needed when it changes
+        (an epoch's last step is saved by step count, then again once the epoch is counted)."""
+        return self.step, self.epoch, self.batch_in_epoch, self.best_step
 
     def _write_checkpoint(self, rng: list[dict[str, Tensor]]) -> None:
         state = {
@@ -370,7 +378,8 @@ class Trainer:
         progress = state["progress"]
         self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
         self._last_train, self._last_val = progress["last_train"], progress["last_val"]
-        self._last_val_step = self._saved_step = self.step
+        self._last_val_step = self.step
+        self._saved = self._position()
         rng = state["rng"]
         if len(rng) == self.processes.world_size:
             _set_rng_state(rng[self.processes.rank], self.device)
