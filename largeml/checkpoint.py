@@ -46,14 +46,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     contents against the checksum written with them."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated zip, a torn pickle: torch raises many kinds
-        raise DamagedCheckpoint(f"{path}: cannot be read ({type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:200]})") from err
-    if not isinstance(state, dict):
-        raise DamagedCheckpoint(f"{path}: not a checkpoint (a {type(state).__name__})")
-    expected = state.pop("crc32", None)
-    if expected is not None and expected != digest(state):
-        raise DamagedCheckpoint(f"{path}: contents do not match their checksum")
+        if not isinstance(state, dict):
+            raise DamagedCheckpoint(f"{path}: not a checkpoint (a {type(state).__name__})")
+        expected = state.pop("crc32", None)
+        if expected is None:
+            raise DamagedCheckpoint(f"{path}: has no checksum (not written by largeml?)")
+        if expected != digest(state):
+            raise DamagedCheckpoint(f"{path}: contents do not match their checksum")
+    except DamagedCheckpoint:
+        raise
+    except Exception as err:  # a truncated zip, a torn pickle, a tensor with a bad stride...
+        first_line = (str(err).splitlines() or [""])[0][:200]
+        raise DamagedCheckpoint(
+            f"{path}: cannot be read ({type(err).__name__}: {first_line})") from err
     return state
 
 
@@ -81,8 +86,9 @@ def prune(directory: Path, keep: int) -> None:
 
 
 def newest_complete(directory: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in `directory` that loads and passes its checksum: last.pt, else the
-    step files newest first. A damaged file is skipped with a warning naming it."""
+    """The newest checkpoint in `directory` that loads and passes its checksum: the step files
+    newest first (a kill between writing one and linking last.pt leaves last.pt a save behind),
+    then last.pt. A damaged file is skipped with a warning naming it."""
     seen = set()
     for path in _candidates(directory):
         inode = path.stat().st_ino
@@ -97,9 +103,9 @@ def newest_complete(directory: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def _candidates(directory: Path) -> Iterator[Path]:
+    yield from step_files(directory)
     if (directory / "last.pt").is_file():
         yield directory / "last.pt"
-    yield from step_files(directory)
 
 
 def digest(obj: Any, crc: int = 0) -> int:

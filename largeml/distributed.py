@@ -77,10 +77,22 @@ def start(processes: Processes, device: torch.device, timeout_s: float) -> None:
     if not processes.distributed or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    meeting = {}
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's store outlives a restart of the workers, and the restarted ones would read
+        # the previous attempt's addresses from it (gloo: "connectFullMesh failed ... Connection
+        # refused"): each attempt meets under its own prefix.
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                              timeout=timeout)
+        attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        meeting = {"store": dist.PrefixStore(f"largeml/attempt-{attempt}", store),
+                   "rank": processes.rank, "world_size": processes.world_size}
     with failures("joining the process group"):
         dist.init_process_group(
-            backend, timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
+            backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+            **meeting,
         )
 
 

@@ -36,6 +36,7 @@ from largeml.checkpoint import (
     newest_complete,
     prune,
     save_checkpoint,
+    step_files,
 )
 from largeml.data import BatchDataset, DataModule
 from largeml.distributed import Processes
@@ -332,7 +333,8 @@ class Trainer:
                      "stale_validations": self.stale_validations},
             "rng": rng,  # one entry per rank
             "progress": {"rows_seen": self.rows_seen, "train_seconds": self.train_seconds,
-                         "last_train": self._last_train, "last_val": self._last_val},
+                         "last_train": self._last_train, "last_val": self._last_val,
+                         "last_val_step": self._last_val_step},
             "world_size": self.processes.world_size,
             "config": self.config,
             "versions": {"largeml": largeml.__version__, "torch": str(torch.__version__)},
@@ -349,6 +351,12 @@ class Trainer:
         `resume=<path>`: from that file; `resume=null`: from scratch. Rank 0 reads the file and
         sends it to the others, so only rank 0 needs to see the run directory."""
         if self.resume is None:
+            if self.processes.main and step_files(self.checkpoints):
+                raise ConfigError(
+                    f"trainer.resume=null, but {self.checkpoints} holds an earlier run's "
+                    "checkpoints; give this run its own hydra.run.dir, or use trainer.resume=auto "
+                    "to continue that run"
+                )
             return
         state = None
         if self.processes.main:
@@ -378,7 +386,7 @@ class Trainer:
         progress = state["progress"]
         self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
         self._last_train, self._last_val = progress["last_train"], progress["last_val"]
-        self._last_val_step = self.step
+        self._last_val_step = progress["last_val_step"]
         self._saved = self._position()
         rng = state["rng"]
         if len(rng) == self.processes.world_size:
@@ -395,10 +403,13 @@ class Trainer:
         # Items are whole batches (batch_size=None); pinned host memory lets the copy to the
         # GPU run asynchronously (non_blocking=True above). Resident batches are on the device
         # already: nothing to pin, nothing for workers to read.
+        # A DataLoader draws a seed for its workers from the global RNG unless given a generator
+        # of its own; that draw would shift dropout's random numbers after a resume.
+        generator = torch.Generator().manual_seed(0)
         if self.data.resident:
-            return DataLoader(dataset, batch_size=None)
+            return DataLoader(dataset, batch_size=None, generator=generator)
         return DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", generator=generator)
 
     def _load_resident(self) -> None:
         """Loads a resident data set's rows once onto the training device."""
