@@ -228,8 +228,9 @@ def test_one_run_directory_per_launch(tmp_path, rdzv_id):
 
 @pytest.mark.parametrize("model", ["logreg", "mlp"])
 def test_two_processes_train_the_same_model_as_one(tmp_path, model):
-    # 2400 training rows in global batches of 256: nine full ones and one of 96, all even.
-    overrides = [*SMALL, f"model={model}", "data.batch_size=256"]
+    # 2402 training rows in global batches of 256: nine full ones and one of 98, all even; 601
+    # validation rows, which 2 ranks cannot split evenly.
+    overrides = [*SMALL, "data.n_samples=3003", f"model={model}", "data.batch_size=256"]
     one = run_cli(f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path, timeout=180)
     assert one.returncode == 0, one.stderr + one.stdout
     code, output = run_torchrun(f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
@@ -245,7 +246,16 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, model):
     for name, tensor in single["model"].items():
         torch.testing.assert_close(double["model"][name], tensor, rtol=1e-5, atol=1e-6,
                                    msg=lambda m, name=name: f"{name}: {m}")
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["processes"] == 2
+    # Validation metrics over exactly the 601 rows: each row once, none padded or repeated.
+    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two_metrics["processes"] == 2
+    # (The two models agree to float rounding, so a row right at the boundary may flip.)
+    assert two_metrics["val/loss"] == pytest.approx(one_metrics["val/loss"], rel=1e-4)
+    assert two_metrics["val/accuracy"] == pytest.approx(one_metrics["val/accuracy"], abs=1.5 / 601)
+    assert two_metrics["val/auc"] == pytest.approx(one_metrics["val/auc"], abs=1e-4)
+    assert round(two_metrics["val/accuracy"] * 601) == pytest.approx(
+        two_metrics["val/accuracy"] * 601, abs=1e-3)  # a whole number of the 601 rows
 
 
 def write_shards(root: Path, sizes: list[int], features: int, seed: int) -> Path:
