@@ -109,7 +109,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
         **cfg.trainer,
     )
     try:
-        return trainer.fit()
+        final = trainer.fit()
+        distributed.barrier()  # leave together: a rank tearing down early can abort another
+        return final
     finally:
         distributed.stop()
 

@@ -16,6 +16,11 @@ from largeml.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The `torchrun` that comes with this interpreter's torch (the same launcher as
+# `python -m torch.distributed.run`, which stands in if the script is not beside it).
+_SCRIPT = Path(sys.executable).with_name("torchrun")
+TORCHRUN = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+
 # Shrinks a run to seconds: a small synthetic set and two short epochs.
 SMALL = ["data.n_samples=3000", "data.n_features=20", "trainer.max_epochs=2",
          "trainer.log_every_n_steps=5"]

@@ -13,7 +13,6 @@ processes are found under torchrun's pid in /proc and are always reaped.
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,14 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, run_cli
+from conftest import REPO, SMALL, TORCHRUN, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import load_checkpoint
 from largeml.data.batches import global_batches
 from largeml.data.shards import ShardWriter, open_shards
-
-pytestmark = pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun")
 
 # Environment torchrun and its workers must not inherit from whatever runs the tests.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -55,7 +52,7 @@ def torchrun_args(*args: str, nproc: int = 2, rdzv_id: str | None = None) -> lis
     else:
         meet = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
                 f"--rdzv-id={rdzv_id}"]
-    return ["torchrun", f"--nproc_per_node={nproc}", *meet, "-m", "largeml.train", *args]
+    return [*TORCHRUN, f"--nproc_per_node={nproc}", *meet, "-m", "largeml.train", *args]
 
 
 def torchrun_env() -> dict[str, str]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, write_dense_shards
+from conftest import REPO, TORCHRUN, write_dense_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import (
@@ -560,7 +560,7 @@ TORCHRUN_TIMEOUT = 200  # seconds for a whole launch: two attempts at most
 
 
 def torchrun_command() -> list[str]:
-    return ["torchrun", "--nproc_per_node=2", "--max-restarts=1", "--master_addr=127.0.0.1",
+    return [*TORCHRUN, "--nproc_per_node=2", "--max-restarts=1", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", "-m", "largeml.train", *TORCHRUN_OVERRIDES]
 
 
