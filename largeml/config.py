@@ -8,7 +8,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from largeml.errors import ConfigError
-from largeml.trainer import Trainer, resolve_device
+from largeml.trainer import BEST_METRICS, Trainer, resolve_device
 
 PRECISIONS = ("32", "bf16")
 
@@ -75,6 +75,12 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.checkpoint_every_n_steps", integer=True, optional=True)
     _positive(cfg, "trainer.accumulate_grad_batches", integer=True)
     _positive(cfg, "trainer.grad_clip_norm", optional=True)
+    _positive(cfg, "trainer.keep_checkpoints", integer=True)
+    _positive(cfg, "trainer.early_stopping_patience", integer=True, optional=True)
+    _positive(cfg, "trainer.dist_timeout")
+    if cfg.trainer.best_metric not in BEST_METRICS:
+        raise ConfigError(f"trainer.best_metric must be one of {', '.join(BEST_METRICS)}, "
+                          f"got {cfg.trainer.best_metric!r}")
 
     if str(cfg.trainer.precision) not in PRECISIONS:
         raise ConfigError(

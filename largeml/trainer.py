@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
-BEST_METRICS = {"val/loss": min, "val/accuracy": max, "val/auc": max}
+BEST_METRICS = {"val/loss": "lowest", "val/accuracy": "highest", "val/auc": "highest"}
 
 
 class Preempted(LargemlError):
@@ -286,8 +286,8 @@ class Trainer:
             metrics = {f"val/{k}": v for k, v in self.evaluate(self.data.val).items()}
         self._last_val, self._last_val_step = metrics, self.step
         value = metrics[self.best_metric]
-        better = BEST_METRICS[self.best_metric]
-        if self.best is None or (value != self.best and better(value, self.best) == value):
+        lowest = BEST_METRICS[self.best_metric] == "lowest"
+        if self.best is None or (value < self.best if lowest else value > self.best):
             self.best, self.best_step, self.stale_validations = value, self.step, 0
         else:
             self.stale_validations += 1

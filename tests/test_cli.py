@@ -101,9 +101,12 @@ def test_default_run_goes_under_outputs(tmp_path):
         (["trainer.max_epochs=0"], "trainer.max_epochs must be a positive integer"),
         (["regularization.C=null"], "set exactly one of regularization.l2"),
         (["+trainer.epochs=3"], "epochs"),
+        (["trainer.best_metric=val/f1"], "trainer.best_metric must be one of val/loss"),
+        (["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints must be a positive integer"),
+        (["trainer.dist_timeout=-1"], "trainer.dist_timeout must be a positive number"),
     ],
     ids=["unknown-model", "negative-lr", "missing-file", "no-file", "precision", "epochs",
-         "no-regularization", "unknown-key"],
+         "no-regularization", "unknown-key", "best-metric", "keep", "timeout"],
 )
 def test_bad_config_fails_before_training(tmp_path, overrides, expected):
     run_dir = tmp_path / "run"
