@@ -212,6 +212,8 @@ def test_one_run_directory_per_launch(tmp_path, rdzv_id):
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["processes"] == 2
+    # Each process's share of the cores (the synthetic set has no reader thread).
+    assert metrics["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert metrics["epoch"] == 2
     assert metrics["step"] == 2 * math.ceil(2400 / 256)  # 3000 rows, 20 % held out for val
     assert metrics["val/accuracy"] > 0.75
