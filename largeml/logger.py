@@ -24,6 +24,9 @@ class RunLogger:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
+    def pr_curve(self, tag: str, labels, probabilities, step: int) -> None:
+        self.writer.add_pr_curve(tag, labels.cpu(), probabilities.cpu(), step)
+
     def write_metrics(self, metrics: Mapping[str, float]) -> None:
         """Replaces `metrics.json` atomically: a reader never sees half a file."""
         path = self.run_dir / "metrics.json"
@@ -76,6 +79,9 @@ class NoLogger:
         pass
 
     def write_metrics(self, metrics: Mapping[str, float]) -> None:
+        pass
+
+    def pr_curve(self, tag: str, labels, probabilities, step: int) -> None:
         pass
 
     def finish(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -54,6 +55,10 @@ BEST_METRICS = {"val/loss": "lowest", "val/accuracy": "highest", "val/auc": "hig
 
 class Preempted(LargemlError):
     """SIGTERM arrived: the step in progress finished and `last.pt` holds it."""
+
+
+class Diverged(LargemlError):
+    """The loss became NaN or infinite; no checkpoint of the diverged model was written."""
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -159,8 +164,12 @@ class Trainer:
         self.rows_seen = 0
         self._window_loss = torch.zeros((), device=self.device)
         self._window_rows = 0
+        self._window_steps = 0
+        self._window_waited = 0.0  # seconds spent waiting for the next batch
         self._window_start = time.perf_counter()
         self._window_paused = 0.0
+        self._grad_norm: Tensor | None = None  # of the last step of a logging window
+        self._progress = Progress(self.total_steps, enabled=self.processes.main)
         self._last_train: dict[str, float] = {}
         self._last_val: dict[str, float] = {}
         self._last_val_step = -1
@@ -198,18 +207,23 @@ class Trainer:
             self.logger.finish(self.hparams, final, self.step)
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
+            self._progress.close()
             self.logger.close()
         log.info("final: %s", _format(final))
         return final
 
     def _train(self) -> None:
         train = self.data.train
+        self._progress.start(self.step)
         while self.step < self.total_steps and self.stop_reason is None:
             train.set_epoch(self.epoch, self.batch_in_epoch)
-            for batches in _groups(self._loader(train), self.accumulate):
-                self._window_loss += self.train_step(batches)
+            for batches in _timed(_groups(self._loader(train), self.accumulate), self._waited):
+                logging_step = (self.step + 1) % self.log_every_n_steps == 0
+                self._window_loss += self.train_step(batches, grad_norm=logging_step)
                 self._window_rows += sum(len(y) for _, y in batches)
-                if self.step % self.log_every_n_steps == 0:
+                self._window_steps += 1
+                self._progress.update(self.step, self._last_train)
+                if logging_step:
                     self._log_train()
                 if self._sigterm_anywhere():
                     self.stop_reason = "SIGTERM"
@@ -228,10 +242,11 @@ class Trainer:
             self.validate()
             self.save_checkpoint()
 
-    def train_step(self, batches: list[Batch]) -> Tensor:
+    def train_step(self, batches: list[Batch], grad_norm: bool = False) -> Tensor:
         """One optimizer step on mean loss + λ/2·‖w‖² over all rows of `batches` (gradient
         accumulation: the same update as one batch of all those rows). Returns the summed
-        per-row loss, detached."""
+        per-row loss, detached. With `grad_norm`, keeps the gradient's global L2 norm (before
+        clipping) for the log."""
         self.model.train()
         rows = sum(len(y) for _, y in batches)
         total = torch.zeros((), device=self.device)
@@ -252,7 +267,11 @@ class Trainer:
             for w in self.penalised:
                 w.grad.add_(w.detach(), alpha=self.l2)
         if self.grad_clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
+            self._grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
+                                                       self.grad_clip_norm)
+        elif grad_norm:
+            self._grad_norm = nn.utils.get_total_norm(
+                [p.grad for p in self.module.parameters() if p.grad is not None])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -260,10 +279,21 @@ class Trainer:
         self.batch_in_epoch += len(batches)
         return total
 
-    @torch.inference_mode()
     def evaluate(self, dataset: BatchDataset) -> dict[str, float]:
         """Loss, accuracy and exact ROC AUC over every row of `dataset`: each rank scores its
         share of the rows, and every rank computes the metrics from all of them."""
+        return self._metrics(*self.scores(dataset))
+
+    def _metrics(self, s: Tensor, t: Tensor) -> dict[str, float]:
+        return {
+            "loss": self.loss_fn(s, t).mean().item(),
+            "accuracy": accuracy(s, t),
+            "auc": roc_auc(s.cpu(), t.cpu()),
+        }
+
+    @torch.inference_mode()
+    def scores(self, dataset: BatchDataset) -> tuple[Tensor, Tensor]:
+        """The model's score and the label of every row of `dataset`, gathered from all ranks."""
         self.module.eval()
         scores = [torch.zeros(0, device=self.device)]
         targets = [torch.zeros(0, device=self.device)]
@@ -271,20 +301,21 @@ class Trainer:
             with self._autocast():
                 scores.append(self.module(x.to(self.device, non_blocking=True)).float())
             targets.append(y.to(self.device, non_blocking=True))
-        s = distributed.gather_rows(torch.cat(scores))
-        t = distributed.gather_rows(torch.cat(targets))
-        return {
-            "loss": self.loss_fn(s, t).mean().item(),
-            "accuracy": accuracy(s, t),
-            "auc": roc_auc(s.cpu(), t.cpu()),
-        }
+        return (distributed.gather_rows(torch.cat(scores)),
+                distributed.gather_rows(torch.cat(targets)))
 
     def validate(self) -> dict[str, float]:
         if self.data.val is None or self._last_val_step == self.step:
             return self._last_val
         with self._paused():
-            metrics = {f"val/{k}": v for k, v in self.evaluate(self.data.val).items()}
+            scores, targets = self.scores(self.data.val)
+            metrics = {f"val/{k}": v for k, v in self._metrics(scores, targets).items()}
+            # Any increasing map of the scores gives the same curve; the sigmoid puts a logit
+            # or a margin in [0, 1], as TensorBoard wants.
+            self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores), self.step)
         self._last_val, self._last_val_step = metrics, self.step
+        if not math.isfinite(metrics["val/loss"]):
+            raise self._diverged(f"validation loss is {metrics['val/loss']}")
         value = metrics[self.best_metric]
         lowest = BEST_METRICS[self.best_metric] == "lowest"
         if self.best is None or (value < self.best if lowest else value > self.best):
@@ -309,6 +340,10 @@ class Trainer:
         gathers each rank's RNG state first, which also waits until all have finished the step."""
         if self._saved == self._position():
             return
+        finite = bool(torch.isfinite(self._window_loss)) and all(
+            bool(torch.isfinite(p).all()) for p in self.module.parameters())
+        if distributed.any_(not finite, self.device):  # a diverged model is never saved
+            raise self._diverged("training loss or weights are not finite")
         with self._paused():
             rng = distributed.gather_objects(_rng_state(self.device))
             if self.processes.main:
@@ -456,18 +491,37 @@ class Trainer:
         window = torch.stack([self._window_loss.float(),
                               torch.tensor(float(self._window_rows), device=self.device)])
         loss_sum, rows = distributed.sum_(window).tolist()  # .tolist() waits for the device
-        seconds = time.perf_counter() - self._window_start - self._window_paused
+        seconds = max(time.perf_counter() - self._window_start - self._window_paused, 1e-9)
+        if not math.isfinite(loss_sum):
+            raise self._diverged(f"training loss is {loss_sum}")
         self.rows_seen += int(rows)
         self.train_seconds += seconds
         self._last_train = {
             "train/loss": loss_sum / rows,
             "train/lr": self.optimizer.param_groups[0]["lr"],
-            "train/samples_per_sec": rows / max(seconds, 1e-9),
+            **({} if self._grad_norm is None else {"train/grad_norm": self._grad_norm.item()}),
+            "perf/samples_per_sec": rows / seconds,
+            "perf/step_time_ms": 1000 * seconds / max(self._window_steps, 1),
+            "perf/data_wait_fraction": min(1.0, self._window_waited / seconds),
         }
         self.logger.log(self._last_train, self.step)
         self._window_loss.zero_()
-        self._window_rows = 0
+        self._window_rows = self._window_steps = 0
+        self._window_waited, self._grad_norm = 0.0, None
         self._window_start, self._window_paused = time.perf_counter(), 0.0
+
+    def _waited(self, seconds: float) -> None:
+        self._window_waited += seconds
+
+    def _diverged(self, what: str) -> "Diverged":
+        last = newest_complete(self.checkpoints) if self.processes.main else None
+        return Diverged(
+            f"{what} at step {self.step} (epoch {self.epoch}): the model diverged. Likely "
+            f"causes: a learning rate too high for this data (optimizer.lr="
+            f"{self.optimizer.param_groups[0]['lr']:.3g} now), features on very different "
+            "scales, or NaN/inf in the data. Last good checkpoint: "
+            f"{last[0] if last else 'none yet'}"
+        )
 
     def _final_metrics(self, val: Mapping[str, float] | None = None) -> dict[str, float]:
         """The flat record of `metrics.json`: latest validation and training figures, with
@@ -475,7 +529,7 @@ class Trainer:
         return {
             **(self._last_val if val is None else val),
             **self._last_train,
-            "train/samples_per_sec": self.rows_seen / max(self.train_seconds, 1e-9),
+            "perf/samples_per_sec": self.rows_seen / max(self.train_seconds, 1e-9),
             "step": self.step,
             "epoch": self.epoch,
             "cpu_threads": self.num_threads,
@@ -503,6 +557,61 @@ def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _timed(items: Iterable, waited: Callable[[float], None]) -> Iterator:
+    """`items`, reporting to `waited` how long each took to arrive."""
+    iterator = iter(items)
+    while True:
+        started = time.perf_counter()
+        item = next(iterator, None)
+        waited(time.perf_counter() - started)
+        if item is None:
+            return
+        yield item
+
+
+class Progress:
+    """Training progress on rank 0: on a terminal, one status line redrawn in place; elsewhere
+    (CI logs, files) a plain log line at most every `every` seconds. Both read
+    `step N/T (P%), R samples/s, ETA hh:mm:ss`."""
+
+    def __init__(self, total: int, enabled: bool, every: float = 30.0) -> None:
+        self.total, self.enabled, self.every = total, enabled, every
+        self.terminal = False
+        self.last_line = -math.inf
+        self.started = time.perf_counter()
+        self.first_step = 0
+
+    def start(self, step: int) -> None:
+        self.terminal = self.enabled and sys.stderr.isatty()
+        # The first line comes with the first step: a log shows at once that training runs.
+        self.started, self.first_step, self.last_line = time.perf_counter(), step, -math.inf
+
+    def update(self, step: int, last_train: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        interval = 0.2 if self.terminal else self.every
+        if time.monotonic() - self.last_line < interval and step < self.total:
+            return
+        self.last_line = time.monotonic()
+        rate = last_train.get("perf/samples_per_sec")
+        eta = (time.perf_counter() - self.started) / max(step - self.first_step, 1) * (
+            self.total - step)
+        line = (f"step {step}/{self.total} ({100 * step / self.total:.0f}%), "
+                f"{'-' if rate is None else f'{rate:,.0f}'} samples/s, "
+                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if self.terminal:
+            sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K: clear the rest of the line
+            sys.stderr.flush()
+        else:
+            log.info("%s", line)
+
+    def close(self) -> None:
+        if self.terminal:
+            sys.stderr.write("\r\x1b[K")  # the log lines stay, the status line goes
+            sys.stderr.flush()
+            self.terminal = False
 
 
 def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -39,7 +39,7 @@ def main(extra: list[str]) -> None:
             ref = f"{reference:.2f} % ({name})" if reference else "—"
             print(f"| `{' '.join(overrides)}` | {100 * metrics['val/accuracy']:.2f} % | "
                   f"{metrics['val/auc']:.4f} | {seconds:.1f} | "
-                  f"{metrics['train/samples_per_sec']:,.0f} | {ref} |", flush=True)
+                  f"{metrics['perf/samples_per_sec']:,.0f} | {ref} |", flush=True)
 
 
 if __name__ == "__main__":

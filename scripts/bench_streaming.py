@@ -259,7 +259,7 @@ def main() -> None:
                 warm(index, val)
                 runs.append(largeml_epoch(index.root, val.root, [
                     f"model={model}", f"data.batch_size={args.batch_size}", *optimizer, *extra]))
-            rates = sorted(metrics["train/samples_per_sec"] for metrics, _ in runs)
+            rates = sorted(metrics["perf/samples_per_sec"] for metrics, _ in runs)
             spread = (f" (median of {len(rates)}: {rates[0] / 1e6:.2f}-{rates[-1] / 1e6:.2f} M)"
                       if len(rates) > 1 else "")
             label = " ".join([f"model={model}", *optimizer, *extra[:1]])

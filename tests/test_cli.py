@@ -13,7 +13,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from largeml.checkpoint import load_checkpoint
 from largeml.models import MLP, Linear
 
-METRICS = ["train/loss", "train/lr", "train/samples_per_sec", "val/loss", "val/accuracy", "val/auc"]
+METRICS = ["train/loss", "train/lr", "perf/samples_per_sec", "val/loss", "val/accuracy", "val/auc"]
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
