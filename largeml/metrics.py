@@ -1,6 +1,7 @@
 """Classification metrics over a whole evaluation set, computed exactly."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -31,3 +32,45 @@ def roc_auc(scores: Tensor, targets: Tensor) -> float:
     ranks[order] = mean_rank[inverse]
     rank_sum_pos = ranks[targets == 1].sum().item()
     return (rank_sum_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def confusion_matrix(scores: Tensor, targets: Tensor) -> list[list[int]]:
+    """[[true negatives, false positives], [false negatives, true positives]], predicting
+    class 1 for score > 0 (rows: the label, columns: the prediction, as in scikit-learn)."""
+    predicted = (scores.flatten() > 0).long()
+    actual = targets.flatten().long()
+    counts = torch.bincount(2 * actual + predicted, minlength=4).tolist()
+    return [counts[:2], counts[2:]]
+
+
+def precision(scores: Tensor, targets: Tensor) -> float:
+    """Of the rows predicted 1 (score > 0), the fraction labelled 1; 0.0 when none is
+    predicted 1 (scikit-learn's `zero_division` default)."""
+    (_, fp), (_, tp) = confusion_matrix(scores, targets)
+    return tp / (tp + fp) if tp + fp else 0.0
+
+
+def recall(scores: Tensor, targets: Tensor) -> float:
+    """Of the rows labelled 1, the fraction predicted 1; 0.0 when no row is labelled 1."""
+    _, (fn, tp) = confusion_matrix(scores, targets)
+    return tp / (tp + fn) if tp + fn else 0.0
+
+
+def f1(scores: Tensor, targets: Tensor) -> float:
+    """Harmonic mean of precision and recall, 2·tp / (2·tp + fp + fn); 0.0 without positives."""
+    (_, fp), (fn, tp) = confusion_matrix(scores, targets)
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def log_loss(scores: Tensor, targets: Tensor) -> float:
+    """Mean negative log-likelihood of the labels with P(y = 1) = sigmoid(score): the scores
+    are logits, as logistic regression's are. Computed from the logits, so it stays finite
+    where a probability would round to 0 or 1."""
+    return F.binary_cross_entropy_with_logits(scores.double().flatten(),
+                                              targets.double().flatten()).item()
+
+
+def hinge_loss(scores: Tensor, targets: Tensor) -> float:
+    """Mean of max(0, 1 − t·s) with t = 2y − 1 ∈ {−1, +1}: the SVM's margin loss."""
+    t = 2 * targets.double().flatten() - 1
+    return torch.clamp(1 - t * scores.double().flatten(), min=0).mean().item()

@@ -1,0 +1,176 @@
+"""`python -m largeml.evaluate checkpoint=PATH data.path=PATH`: a checkpoint's metrics on a
+labelled data set.
+
+The keys are in `configs/evaluate.yaml`. The model is rebuilt from the config saved in the
+checkpoint, the data streamed in batches of `batch_size` rows (a shard directory, or a raw file
+converted once into the cache, as `data=files` does), and the metrics printed as JSON and
+written to `output`: `loss` (the training loss, as `val/loss`), `accuracy`, `auc`, `precision`,
+`recall`, `f1`, `log_loss` (logistic models only), `hinge_loss`, `confusion_matrix` ([[tn, fp],
+[fn, tp]]) and `rows`. A missing file or a bad option stops with exit code 2.
+"""
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from largeml import metrics
+from largeml.checkpoint import DamagedCheckpoint, load_checkpoint
+from largeml.data.shards import ShardIndex
+from largeml.data.sources import _prepared
+from largeml.data.stream import ShardStream
+from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def required(cfg: DictConfig, key: str, usage: str) -> Any:
+    """`cfg[key]` (dotted), or a ConfigError naming the key when it is unset."""
+    if OmegaConf.is_missing(cfg, key) or OmegaConf.select(cfg, key) in (None, ""):
+        raise ConfigError(f"{key} is required: {usage}")
+    return OmegaConf.select(cfg, key)
+
+
+def model_width(state: dict[str, Tensor]) -> int:
+    """The number of input features: the width of the first weight matrix."""
+    return next(t.shape[1] for t in state.values() if t.ndim == 2)
+
+
+def load_model(path: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The checkpoint's model in eval mode, on CPU, and the training config saved with it."""
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint: no such file: {path}")
+    try:
+        checkpoint = load_checkpoint(Path(path))
+    except DamagedCheckpoint as err:
+        raise DataError(f"checkpoint: {err}") from None
+    config, state = checkpoint["config"], checkpoint["model"]
+    model = instantiate(config["model"], n_features=model_width(state))
+    model.load_state_dict(state)
+    return model.eval(), config
+
+
+def loss_function(config: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-row training loss of a checkpoint's config, e.g. `largeml.losses.bce`."""
+    loss = config["loss"]
+    kwargs = {k: v for k, v in loss.items() if not k.startswith("_")}
+    return functools.partial(get_object(loss["_target_"]), **kwargs)
+
+
+def is_logistic(config: dict[str, Any]) -> bool:
+    """Whether the scores are logits: the model was trained with the logistic loss."""
+    return config["loss"]["_target_"].endswith(".bce")
+
+
+def open_data(data: DictConfig, key: str = "data.path") -> ShardIndex:
+    """The shard index of `data.path`: a prepared directory, or a raw file converted once."""
+    path = str(data.path)
+    if not Path(path).exists():
+        raise DataError(f"{key}: no such file or directory: {path}")
+    options = {"n_features": data.n_features, "label_column": data.label_column,
+               "labels": None if data.labels is None else str(data.labels)}
+    return _prepared(path, key, data.format, data.cache_dir, **options)
+
+
+def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStream:
+    """The rows of `index` in file order, batch by batch, `width` features wide."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if index.n_features > width or (index.layout == "dense" and index.n_features != width):
+        raise DataError(f"{key} {index.root} has {index.n_features} features but the model "
+                        f"takes {width}; use data of the training set's width")
+    return ShardStream(index, batch_size, shuffle=False, n_features=width, evaluation=True)
+
+
+@torch.no_grad()
+def scores_of(model: nn.Module, batches: ShardStream,
+              device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(scores, labels) of each batch, on the CPU, in file order."""
+    for x, y in batches:
+        yield model(x.to(device)).float().cpu(), y
+
+
+def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
+             device: torch.device) -> dict[str, Any]:
+    """Every metric over all rows of `batches`."""
+    pairs = list(scores_of(model.to(device), batches, device))
+    s = torch.cat([p[0] for p in pairs])
+    t = torch.cat([p[1] for p in pairs]).float()
+    result: dict[str, Any] = {
+        "loss": loss_function(config)(s, t).mean().item(),
+        "accuracy": metrics.accuracy(s, t),
+        "auc": metrics.roc_auc(s, t),
+        "precision": metrics.precision(s, t),
+        "recall": metrics.recall(s, t),
+        "f1": metrics.f1(s, t),
+    }
+    if is_logistic(config):
+        result["log_loss"] = metrics.log_loss(s, t)
+    result["hinge_loss"] = metrics.hinge_loss(s, t)
+    result["confusion_matrix"] = metrics.confusion_matrix(s, t)
+    result["rows"] = len(t)
+    return result
+
+
+def default_output(checkpoint: str, data_path: str) -> Path:
+    """`eval-<data file name less .gz, .npy, .csv>.json` in the run directory of
+    `.../checkpoints/<file>.pt`, else beside the checkpoint."""
+    where = Path(checkpoint).resolve().parent
+    if where.name == "checkpoints":
+        where = where.parent
+    name = Path(data_path.rstrip("/")).name.removesuffix(".gz")
+    for suffix in (".npy", ".csv"):
+        name = name.removesuffix(suffix)
+    return where / f"eval-{name}.json"
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Writes atomically: a temporary file renamed over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
+    """Evaluates as `cfg` says; returns the metrics and the file they were written to."""
+    usage = "python -m largeml.evaluate checkpoint=PATH data.path=PATH [output=FILE.json]"
+    checkpoint = str(required(cfg, "checkpoint", usage))
+    data_path = str(required(cfg, "data.path", usage))
+    device = resolve_device(cfg.device)
+    model, config = load_model(checkpoint)
+    index = open_data(cfg.data)
+    batches = stream(index, model_width(model.state_dict()), cfg.batch_size, "data.path")
+    result = evaluate(model, config, batches, device)
+    output = Path(cfg.output) if cfg.output else default_output(checkpoint, data_path)
+    write_json({**result, "checkpoint": str(Path(checkpoint).resolve()),
+                "data": str(Path(data_path).resolve())}, output)
+    return result, output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        result, output = run(cfg)
+    except LargemlError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(json.dumps(result))
+    log.info("metrics of %s rows written to %s", f"{result['rows']:,}", output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`python -m largeml.export checkpoint=PATH output=FILE.npy|FILE.txt`: a linear model
+(`model=logreg` or `model=svm`) as plain numbers, for use without PyTorch.
+
+The keys are in `configs/export.yaml`. The file holds n_features + 1 values, the weights
+w_1 ... w_n then the bias b, so that score = x · w + b: a float32 `.npy`, or text with one value
+a line (9 significant digits, exact for float32) after `#` comment lines. A missing file, a
+model that is not linear or another extension stops with exit code 2.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from largeml.errors import ConfigError, LargemlError
+from largeml.evaluate import CONFIG_DIR, load_model, required
+from largeml.models import Linear
+
+log = logging.getLogger(__name__)
+
+
+def linear_weights(checkpoint: str) -> np.ndarray:
+    """[w_1, ..., w_n, b] of a checkpoint's linear model, as float32."""
+    model, config = load_model(checkpoint)
+    if not isinstance(model, Linear):
+        raise ConfigError(f"checkpoint {checkpoint} holds a {config['model']['_target_']}; "
+                          "export writes linear models only (model=logreg or model=svm)")
+    weight = model.linear.weight.detach()[0]
+    return np.append(weight.numpy(), model.linear.bias.detach().numpy()).astype(np.float32)
+
+
+def run(cfg: DictConfig) -> tuple[int, Path]:
+    """Exports as `cfg` says; returns the number of features and the file written."""
+    usage = "python -m largeml.export checkpoint=PATH output=FILE.npy|FILE.txt"
+    checkpoint = str(required(cfg, "checkpoint", usage))
+    output = Path(str(required(cfg, "output", usage)))
+    if output.suffix not in (".npy", ".txt"):
+        raise ConfigError(f"output={output} must end in .npy or .txt")
+    values = linear_weights(checkpoint)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".npy":
+        np.save(output, values)
+    else:
+        header = (f"largeml linear model from {Path(checkpoint).resolve()}\n"
+                  f"score = x . w + b; {len(values) - 1} weights w_1..w_n, then the bias b")
+        np.savetxt(output, values, fmt="%.9g", header=header)
+    return len(values) - 1, output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    try:
+        n_features, output = run(cfg)
+    except LargemlError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(f"exported {n_features:,} weights and the bias -> {output}")
+
+
+if __name__ == "__main__":
+    main()

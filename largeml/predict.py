@@ -1,0 +1,137 @@
+"""`python -m largeml.predict checkpoint=PATH input=PATH output=FILE.csv|FILE.npy`: one
+prediction per input row, in the input's order.
+
+The keys are in `configs/predict.yaml`. Per row: `score` (the model's output), `probability`
+(sigmoid of the score, for models trained with `loss=bce` only) and `label` (1 if score > 0,
+else 0). The input is read and the output written `batch_size` rows at a time, so memory is one
+batch whatever the file's size. A `.npy` input is read in place (memory-mapped) and needs no
+labels; shard directories and LIBSVM / CSV files go through the same conversion cache as
+`data=files`. A missing file or a bad option stops with exit code 2.
+"""
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from largeml.data.convert import resolve_format
+from largeml.data.sources import _prepared
+from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.evaluate import (
+    CONFIG_DIR,
+    is_logistic,
+    load_model,
+    model_width,
+    required,
+    scores_of,
+    stream,
+)
+from largeml.trainer import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def npy_batches(path: Path, width: int, batch_size: int) -> tuple[int, Iterator[Tensor]]:
+    """The row count of a 2-D `.npy` of features and its rows, `batch_size` at a time, read
+    from a memory map (only the batch in hand is in memory)."""
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as err:
+        raise DataError(f"input {path}: not a readable .npy file ({err})") from None
+    if x.ndim != 2 or x.dtype.kind not in "fiub":
+        raise DataError(f"input {path}: features must be a 2-D numeric array, got {x.dtype} "
+                        f"{x.shape}")
+    if x.shape[1] != width:
+        raise DataError(f"input {path} has {x.shape[1]} features but the model takes {width}")
+    # np.array copies the batch out of the read-only map: torch wants writable memory.
+    batches = (torch.from_numpy(np.array(x[lo:lo + batch_size], dtype=np.float32))
+               for lo in range(0, len(x), batch_size))
+    return len(x), batches
+
+
+def input_scores(cfg: DictConfig, model: nn.Module,
+                 device: torch.device) -> tuple[int, Iterator[Tensor]]:
+    """The number of input rows and the model's scores, batch by batch, in row order."""
+    path = Path(str(cfg.input))
+    width = model_width(model.state_dict())
+    if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {cfg.batch_size!r}")
+    if not path.exists():
+        raise DataError(f"input: no such file or directory: {path}")
+    if path.is_file() and resolve_format(path, cfg.format) == "npy":
+        rows, batches = npy_batches(path, width, cfg.batch_size)
+
+        @torch.no_grad()
+        def scores() -> Iterator[Tensor]:
+            for x in batches:
+                yield model(x.to(device)).float().cpu()
+
+        return rows, scores()
+    index = _prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
+                      n_features=cfg.n_features, label_column=cfg.label_column)
+    shards = stream(index, width, cfg.batch_size, "input")
+    return index.rows, (s for s, _ in scores_of(model, shards, device))
+
+
+def columns(scores: Tensor, logistic: bool) -> dict[str, np.ndarray]:
+    out = {"score": scores.numpy()}
+    if logistic:
+        out["probability"] = torch.sigmoid(scores).numpy()
+    out["label"] = (scores > 0).to(torch.int8).numpy()
+    return out
+
+
+def run(cfg: DictConfig) -> tuple[int, Path]:
+    """Predicts as `cfg` says; returns the number of rows written and the output file."""
+    usage = "python -m largeml.predict checkpoint=PATH input=PATH output=FILE.csv|FILE.npy"
+    checkpoint = str(required(cfg, "checkpoint", usage))
+    required(cfg, "input", usage)
+    output = Path(str(required(cfg, "output", usage)))
+    if output.suffix not in (".csv", ".npy"):
+        raise ConfigError(f"output={output} must end in .csv or .npy")
+    device = resolve_device(cfg.device)
+    model, config = load_model(checkpoint)
+    logistic = is_logistic(config)
+    rows, batches = input_scores(cfg, model.to(device), device)
+    names = ["score", "probability", "label"] if logistic else ["score", "label"]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    if output.suffix == ".npy":
+        dtype = np.dtype([(n, "i1" if n == "label" else "f4") for n in names])
+        table = np.lib.format.open_memmap(output, mode="w+", dtype=dtype, shape=(rows,))
+        for scores in batches:
+            for name, values in columns(scores, logistic).items():
+                table[name][written:written + len(scores)] = values
+            written += len(scores)
+        table.flush()
+        del table
+    else:
+        with open(output, "w") as file:
+            file.write(",".join(names) + "\n")
+            for scores in batches:
+                values = columns(scores, logistic)
+                np.savetxt(file, np.column_stack([values[n] for n in names]),
+                           fmt=["%.9g"] * (len(names) - 1) + ["%d"], delimiter=",")
+                written += len(scores)
+    assert written == rows, f"wrote {written} of {rows} rows"
+    return written, output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    try:
+        rows, output = run(cfg)
+    except LargemlError as err:
+        log.error("%s", err)
+        sys.exit(2)
+    print(f"predicted {rows:,} rows -> {output}")
+
+
+if __name__ == "__main__":
+    main()
