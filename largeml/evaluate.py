@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from largeml.data.shards import ShardIndex
 from largeml.data.sources import _prepared
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.progress import Progress
 from largeml.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -98,9 +100,17 @@ def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStr
 @torch.no_grad()
 def scores_of(model: nn.Module, batches: ShardStream,
               device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """(scores, labels) of each batch, on the CPU, in file order."""
-    for x, y in batches:
-        yield model(x.to(device)).float().cpu(), y
+    """(scores, labels) of each batch, on the CPU, in file order, with a progress line."""
+    progress = Progress(len(batches), unit="batch")
+    progress.start(0)
+    started, rows = time.perf_counter(), 0
+    try:
+        for done, (x, y) in enumerate(batches, 1):
+            yield model(x.to(device)).float().cpu(), y
+            rows += len(y)
+            progress.update(done, rows / max(time.perf_counter() - started, 1e-9))
+    finally:
+        progress.close()
 
 
 def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,

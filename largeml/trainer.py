@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -45,6 +44,7 @@ from largeml.errors import ConfigError, LargemlError
 from largeml.logger import HParamValue, NoLogger, RunLogger
 from largeml.metrics import accuracy, roc_auc
 from largeml.models import penalised_weights
+from largeml.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class Trainer:
                 self._window_loss += self.train_step(batches, grad_norm=logging_step)
                 self._window_rows += sum(len(y) for _, y in batches)
                 self._window_steps += 1
-                self._progress.update(self.step, self._last_train)
+                self._progress.update(self.step, self._last_train.get("perf/samples_per_sec"))
                 if logging_step:
                     self._log_train()
                 if self._sigterm_anywhere():
@@ -569,49 +569,6 @@ def _timed(items: Iterable, waited: Callable[[float], None]) -> Iterator:
         if item is None:
             return
         yield item
-
-
-class Progress:
-    """Training progress on rank 0: on a terminal, one status line redrawn in place; elsewhere
-    (CI logs, files) a plain log line at most every `every` seconds. Both read
-    `step N/T (P%), R samples/s, ETA hh:mm:ss`."""
-
-    def __init__(self, total: int, enabled: bool, every: float = 30.0) -> None:
-        self.total, self.enabled, self.every = total, enabled, every
-        self.terminal = False
-        self.last_line = -math.inf
-        self.started = time.perf_counter()
-        self.first_step = 0
-
-    def start(self, step: int) -> None:
-        self.terminal = self.enabled and sys.stderr.isatty()
-        # The first line comes with the first step: a log shows at once that training runs.
-        self.started, self.first_step, self.last_line = time.perf_counter(), step, -math.inf
-
-    def update(self, step: int, last_train: Mapping[str, float]) -> None:
-        if not self.enabled:
-            return
-        interval = 0.2 if self.terminal else self.every
-        if time.monotonic() - self.last_line < interval and step < self.total:
-            return
-        self.last_line = time.monotonic()
-        rate = last_train.get("perf/samples_per_sec")
-        eta = (time.perf_counter() - self.started) / max(step - self.first_step, 1) * (
-            self.total - step)
-        line = (f"step {step}/{self.total} ({100 * step / self.total:.0f}%), "
-                f"{'-' if rate is None else f'{rate:,.0f}'} samples/s, "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        if self.terminal:
-            sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K: clear the rest of the line
-            sys.stderr.flush()
-        else:
-            log.info("%s", line)
-
-    def close(self) -> None:
-        if self.terminal:
-            sys.stderr.write("\r\x1b[K")  # the log lines stay, the status line goes
-            sys.stderr.flush()
-            self.terminal = False
 
 
 def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,10 @@ def test_evaluate_reproduces_the_validation_metrics(tmp_path, shards, overrides,
     written = json.loads((run_dir / "eval-rows.json").read_text())  # the default output
     printed = json.loads(next(line for line in result.stdout.splitlines() if line[:1] == "{"))
     assert {k: v for k, v in written.items() if k not in ("checkpoint", "data")} == printed
+    # Progress as plain log lines (the output is not a terminal): the first batch and the last.
+    output = result.stdout + result.stderr
+    assert re.search(r"batch 1/3 \(33%\), [\d,]+ samples/s, ETA", output), output
+    assert "batch 3/3 (100%)" in output
     for name in ("loss", "accuracy", "auc"):
         assert written[name] == pytest.approx(logged[f"val/{name}"], rel=1e-6, abs=1e-7), name
     assert written["accuracy"] > 0.75  # a model that learnt, not a constant

@@ -1,0 +1,52 @@
+"""A progress line for long loops (training, evaluation), readable on a terminal and in a log."""
+
+import logging
+import math
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """Progress of a loop on rank 0: on a terminal, one status line redrawn in place; elsewhere
+    (CI logs, files) a plain log line at most every `every` seconds, and one at the end. Both
+    read `step N/T (P%), R samples/s, ETA hh:mm:ss` (`unit` names what N counts)."""
+
+    def __init__(self, total: int, enabled: bool = True, every: float = 30.0,
+                 unit: str = "step") -> None:
+        self.total, self.enabled, self.every, self.unit = total, enabled, every, unit
+        self.terminal = False
+        self.last_line = -math.inf
+        self.started = time.perf_counter()
+        self.first_step = 0
+
+    def start(self, step: int) -> None:
+        self.terminal = self.enabled and sys.stderr.isatty()
+        # The first line comes with the first step: a log shows at once that training runs.
+        self.started, self.first_step, self.last_line = time.perf_counter(), step, -math.inf
+
+    def update(self, step: int, rate: float | None = None) -> None:
+        """`step` of `total` done, at `rate` samples per second when known."""
+        if not self.enabled:
+            return
+        interval = 0.2 if self.terminal else self.every
+        if time.monotonic() - self.last_line < interval and step < self.total:
+            return
+        self.last_line = time.monotonic()
+        eta = (time.perf_counter() - self.started) / max(step - self.first_step, 1) * (
+            self.total - step)
+        line = (f"{self.unit} {step}/{self.total} ({100 * step / self.total:.0f}%), "
+                f"{'-' if rate is None else f'{rate:,.0f}'} samples/s, "
+                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+        if self.terminal:
+            sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K: clear the rest of the line
+            sys.stderr.flush()
+        else:
+            log.info("%s", line)
+
+    def close(self) -> None:
+        if self.terminal:
+            sys.stderr.write("\r\x1b[K")  # the log lines stay, the status line goes
+            sys.stderr.flush()
+            self.terminal = False
