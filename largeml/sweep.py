@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +30,21 @@ METRICS = ["val/accuracy", "val/auc", "val/loss", "train/loss", "perf/samples_pe
 MARKDOWN_FORMAT = {"perf/samples_per_sec": "{:,.0f}", "step": "{}"}
 
 
+# Job directory -> the error that ended the job: filled by train.main, which in a sweep logs a
+# job's error and returns (no traceback), so that Hydra goes on with the other jobs.
+FAILED: dict[str, str] = {}
+
+
+def record_failure(job_dir: str, error: BaseException) -> None:
+    FAILED[os.path.abspath(job_dir)] = f"{type(error).__name__}: {error}"
+
+
 class SweepSummary(Callback):
     def __init__(self) -> None:
-        self.failures: dict[str, str] = {}  # job directory -> the exception that ended it
+        self.failures = FAILED  # also the jobs Hydra saw raise (on_job_end)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.failures.clear()
 
     # Hydra stops a sweep at a job that exits the process (train.py exits with status 2 on a
     # bad config, 143 on SIGTERM) and calls neither on_job_end nor on_multirun_end, and it
@@ -46,7 +59,7 @@ class SweepSummary(Callback):
             return
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value  # `.return_value` would raise it
-            self.failures[config.hydra.runtime.output_dir] = f"{type(error).__name__}: {error}"
+            record_failure(config.hydra.runtime.output_dir, error)
         write_summary(Path(config.hydra.sweep.dir), self.failures)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -55,6 +68,10 @@ class SweepSummary(Callback):
         if markdown:
             log.info("sweep summary (%s, %s):\n%s", sweep_dir / "summary.csv",
                      sweep_dir / "summary.md", markdown.rstrip())
+        if self.failures:  # the sweep's exit status says that some job failed
+            log.error("%d of the sweep's jobs failed; see %s", len(self.failures),
+                      sweep_dir / "summary.md")
+            sys.exit(2)
 
 
 def write_summary(sweep_dir: Path, failures: dict[str, str]) -> str:

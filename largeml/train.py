@@ -15,6 +15,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +25,7 @@ from largeml.data.batches import check_batch_size
 from largeml.distributed import Processes, agreed, launch_id
 from largeml.errors import LargemlError
 from largeml.logger import flatten
+from largeml.sweep import record_failure
 from largeml.trainer import Preempted, Trainer
 
 log = logging.getLogger(__name__)
@@ -131,6 +133,9 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + signal.SIGTERM)  # what a shell reports for a job SIGTERM ended
     except LargemlError as err:
         log.error("%s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failure(runtime.output_dir, err)  # the sweep goes on; its summary says so
+            return
         sys.exit(2)
 
 

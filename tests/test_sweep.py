@@ -5,6 +5,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from conftest import SMALL, run_cli
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
@@ -56,22 +57,28 @@ def test_sweep_writes_a_summary_of_every_job(tmp_path):
     assert markdown.strip() in output  # the table is logged at the end of the sweep
 
 
-def test_sweep_summary_shows_a_job_that_left_no_metrics(tmp_path):
-    """A job with a bad value exits with status 2, which stops Hydra's sweep there; the
-    summary still lists it, with no metrics, beside the job that finished."""
+def test_a_failed_job_is_listed_and_the_sweep_goes_on(tmp_path):
+    """A job with a bad value fails with its message; the sweep runs the jobs after it, the
+    summary lists the failed one with no metrics, and the sweep's exit status says it failed."""
     sweep_dir = tmp_path / "sweep"
-    result = run_cli("-m", "optimizer.lr=0.1,-0.1", f"hydra.sweep.dir={sweep_dir}", *SMALL,
+    result = run_cli("-m", "optimizer.lr=0.1,-0.1,0.05", f"hydra.sweep.dir={sweep_dir}", *SMALL,
                      "trainer.max_epochs=1", cwd=tmp_path)
-    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "optimizer.lr must be a positive number, got -0.1" in output
+    assert "Traceback" not in output and "1 of the sweep's jobs failed" in output
 
-    columns, (done, failed) = read_summary(sweep_dir)
+    columns, (first, failed, last) = read_summary(sweep_dir)
     assert columns == ["job", "dir", "optimizer.lr", *METRICS, "status"]
-    assert (done["optimizer.lr"], done["status"]) == ("0.1", "ok")
-    metrics = json.loads((sweep_dir / done["dir"] / "metrics.json").read_text())
-    assert float(done["val/accuracy"]) == metrics["val/accuracy"]
-    assert (failed["optimizer.lr"], failed["status"]) == ("-0.1", "no metrics.json")
+    for done, lr in ((first, "0.1"), (last, "0.05")):
+        assert (done["optimizer.lr"], done["status"]) == (lr, "ok")
+        metrics = json.loads((sweep_dir / done["dir"] / "metrics.json").read_text())
+        assert float(done["val/accuracy"]) == metrics["val/accuracy"]
+    assert failed["optimizer.lr"] == "-0.1"
+    assert failed["status"] == ("failed: ConfigError: optimizer.lr must be a positive number, "
+                                "got -0.1")
     assert all(failed[name] == "" for name in METRICS)
-    assert "| no metrics.json |" in (sweep_dir / "summary.md").read_text()
+    assert "| failed: ConfigError:" in (sweep_dir / "summary.md").read_text()
 
 
 def test_a_job_that_raised_is_marked_failed(tmp_path):
@@ -89,8 +96,11 @@ def test_a_job_that_raised_is_marked_failed(tmp_path):
     job_return = JobReturn(status=JobStatus.FAILED, _return_value=RuntimeError("out of memory"))
 
     summary = SweepSummary()
+    summary.on_multirun_start(config)
     summary.on_job_end(config, job_return)
-    summary.on_multirun_end(config)
+    with pytest.raises(SystemExit) as exit_:  # a sweep with a failed job exits with status 2
+        summary.on_multirun_end(config)
+    assert exit_.value.code == 2
 
     _, (ok, failed) = read_summary(sweep_dir)
     assert (ok["status"], ok["val/accuracy"], ok["val/auc"]) == ("ok", "0.5", "")
