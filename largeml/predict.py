@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -97,7 +98,7 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
         raise ConfigError(f"output={output} must end in .csv or .npy")
     device = resolve_device(cfg.device)
     model, config = load_model(checkpoint)
-    logistic = is_logistic(config)
+    logistic = wants_probability(cfg.probability, config)
     rows, batches = input_scores(cfg, model.to(device), device)
     names = ["score", "probability", "label"] if logistic else ["score", "label"]
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -121,6 +122,21 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
                 written += len(scores)
     assert written == rows, f"wrote {written} of {rows} rows"
     return written, output
+
+
+def wants_probability(probability: Any, config: dict[str, Any]) -> bool:
+    """Whether to write the probability column: `auto` for logistic models, `true` only where a
+    score is a log-odds (loss=bce); a margin (hinge losses) is not a probability."""
+    if probability not in ("auto", True, False):
+        raise ConfigError(f"probability must be auto, true or false, got {probability!r}")
+    if probability is True and not is_logistic(config):
+        loss = config["loss"]["_target_"].rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"probability=true, but this model was trained with loss={loss}: its scores are "
+            "margins, not log-odds, so there is no probability to give (only models trained "
+            "with loss=bce have one); use probability=auto or probability=false"
+        )
+    return is_logistic(config) if probability == "auto" else probability
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")

@@ -116,6 +116,19 @@ def test_predict_svm_has_no_probability(tmp_path, svm, features):
     assert np.load(tmp_path / "p.npy").dtype.names == ("score", "label")
 
 
+def test_probability_is_only_for_logistic_models(tmp_path, logreg, svm, features):
+    np.save(tmp_path / "x.npy", features)
+    result = run_module("predict", f"checkpoint={svm}", f"input={tmp_path / 'x.npy'}",
+                        f"output={tmp_path / 'p.csv'}", "probability=true", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "probability=true, but this model was trained with loss=hinge" in output
+    assert "use probability=auto or probability=false" in output and "Traceback" not in output
+    assert not (tmp_path / "p.csv").exists()
+    predict(tmp_path, logreg, tmp_path / "x.npy", tmp_path / "q.csv", "probability=false")
+    assert read_csv(tmp_path / "q.csv")[0] == ["score", "label"]
+
+
 @pytest.mark.parametrize("name", ["x.npy", "shards"])
 def test_predict_streams_one_batch_at_a_time(tmp_path, logreg, features, name):
     np.save(tmp_path / "x.npy", features)
