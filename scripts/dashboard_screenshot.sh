@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains logreg, svm and mlp on a9a, serves the runs with TensorBoard on 127.0.0.1 and takes
 # headless-Chromium screenshots of the dashboard for the README:
-#   scripts/dashboard.png          Scalars tab: train/loss, val/accuracy, val/auc, val/loss
+#   scripts/dashboard.png          Scalars tab: train/loss, val/*, perf/samples_per_sec
 #   scripts/dashboard_hparams.png  HParams tab: the three runs, their choices and final metrics
 # Usage: bash scripts/dashboard_screenshot.sh   (about a minute on a CPU; needs /usr/bin/chromium)
 set -euo pipefail
@@ -57,9 +57,9 @@ shoot() {  # shoot OUT.png WIDTH,HEIGHT URL
     > "$WORK/chromium.log" 2>&1 || { cat "$WORK/chromium.log" >&2; exit 1; }
   echo "wrote $1 ($(stat -c %s "$1") bytes)"
 }
-# The Scalars tab, filtered to four charts (tagFilter lives in the URL hash). The Time Series
+# The Scalars tab, filtered to five charts (tagFilter lives in the URL hash). The Time Series
 # tab is not used: headless Chromium draws its charts empty or only intermittently.
-shoot "$OUT_DIR/dashboard.png" 1400,760 \
-  "$URL/?darkMode=false#scalars&tagFilter=%5E(train%2Floss%7Cval%2F)"
+shoot "$OUT_DIR/dashboard.png" 1400,1040 \
+  "$URL/?darkMode=false#scalars&tagFilter=%5E(train%2Floss%7Cval%2F%7Cperf%2Fsamples)"
 # The HParams table: wide enough to show val/loss, val/accuracy and val/auc after the choices.
 shoot "$OUT_DIR/dashboard_hparams.png" 1900,320 "$URL/?darkMode=false#hparams"
