@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from largeml.files import fsync_dir
+
 log = logging.getLogger(__name__)
 
 STEP_FILE = re.compile(r"step-(\d+)\.pt")
@@ -38,7 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -68,7 +70,7 @@ def link(target: Path, path: Path) -> None:
     tmp.unlink(missing_ok=True)
     os.link(target, tmp)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def step_files(directory: Path) -> list[Path]:
@@ -122,11 +124,3 @@ def digest(obj: Any, crc: int = 0) -> int:
             crc = digest(value, crc)
         return crc
     return zlib.crc32(repr(obj).encode(), crc)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

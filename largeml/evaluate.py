@@ -9,29 +9,29 @@ written to `output`: `loss` (the training loss, as `val/loss`), `accuracy`, `auc
 [fn, tp]]) and `rows`. A missing file or a bad option stops with exit code 2.
 """
 
-import functools
 import json
 import logging
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from largeml import metrics
 from largeml.checkpoint import DamagedCheckpoint, load_checkpoint
 from largeml.data.shards import ShardIndex
-from largeml.data.sources import _prepared
+from largeml.data.sources import prepared
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.files import replace_text
 from largeml.progress import Progress
+from largeml.train import build_function
 from largeml.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,6 @@ def load_model(path: str) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), config
 
 
-def loss_function(config: dict[str, Any]) -> Callable[[Tensor, Tensor], Tensor]:
-    """The per-row training loss of a checkpoint's config, e.g. `largeml.losses.bce`."""
-    loss = config["loss"]
-    kwargs = {k: v for k, v in loss.items() if not k.startswith("_")}
-    return functools.partial(get_object(loss["_target_"]), **kwargs)
-
-
 def is_logistic(config: dict[str, Any]) -> bool:
     """Whether the scores are logits: the model was trained with the logistic loss."""
     return config["loss"]["_target_"].endswith(".bce")
@@ -84,7 +77,7 @@ def open_data(data: DictConfig, key: str = "data.path") -> ShardIndex:
         raise DataError(f"{key}: no such file or directory: {path}")
     options = {"n_features": data.n_features, "label_column": data.label_column,
                "labels": None if data.labels is None else str(data.labels)}
-    return _prepared(path, key, data.format, data.cache_dir, **options)
+    return prepared(path, key, data.format, data.cache_dir, **options)
 
 
 def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStream:
@@ -120,7 +113,7 @@ def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
     s = torch.cat([p[0] for p in pairs])
     t = torch.cat([p[1] for p in pairs]).float()
     result: dict[str, Any] = {
-        "loss": loss_function(config)(s, t).mean().item(),
+        "loss": build_function(OmegaConf.create(config["loss"]))(s, t).mean().item(),
         "accuracy": metrics.accuracy(s, t),
         "auc": metrics.roc_auc(s, t),
         "precision": metrics.precision(s, t),
@@ -150,9 +143,7 @@ def default_output(checkpoint: str, data_path: str) -> Path:
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Writes atomically: a temporary file renamed over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    replace_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], Path]:

@@ -2,13 +2,14 @@
 metrics and `metrics.json`, all in the run directory."""
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from largeml.files import replace_text
 
 HParamValue = bool | int | float | str
 
@@ -29,10 +30,8 @@ class RunLogger:
 
     def write_metrics(self, metrics: Mapping[str, float]) -> None:
         """Replaces `metrics.json` atomically: a reader never sees half a file."""
-        path = self.run_dir / "metrics.json"
-        tmp = path.with_name(".metrics.json.tmp")
-        tmp.write_text(json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        replace_text(self.run_dir / "metrics.json",
+                     json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n")
 
     def finish(
         self, hparams: Mapping[str, HParamValue], metrics: Mapping[str, float], step: int

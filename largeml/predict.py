@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from largeml.data.convert import resolve_format
-from largeml.data.sources import _prepared
+from largeml.data.sources import prepared
 from largeml.errors import ConfigError, DataError, LargemlError
 from largeml.evaluate import (
     CONFIG_DIR,
@@ -74,7 +74,7 @@ def input_scores(cfg: DictConfig, model: nn.Module,
                 yield model(x.to(device)).float().cpu()
 
         return rows, scores()
-    index = _prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
+    index = prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
                       n_features=cfg.n_features, label_column=cfg.label_column)
     shards = stream(index, width, cfg.batch_size, "input")
     return index.rows, (s for s, _ in scores_of(model, shards, device))

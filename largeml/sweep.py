@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from largeml.distributed import Processes
+from largeml.files import replace_text
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,3 @@ def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
              "|" + "|".join("---:" if c in numeric else "---" for c in columns) + "|"]
     lines += ["| " + " | ".join(cell(c, row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Writes `path` atomically: a reader never sees half a table."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

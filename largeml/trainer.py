@@ -279,12 +279,8 @@ class Trainer:
         self.batch_in_epoch += len(batches)
         return total
 
-    def evaluate(self, dataset: BatchDataset) -> dict[str, float]:
-        """Loss, accuracy and exact ROC AUC over every row of `dataset`: each rank scores its
-        share of the rows, and every rank computes the metrics from all of them."""
-        return self._metrics(*self.scores(dataset))
-
     def _metrics(self, s: Tensor, t: Tensor) -> dict[str, float]:
+        """Loss, accuracy and exact ROC AUC of scores `s` against labels `t`."""
         return {
             "loss": self.loss_fn(s, t).mean().item(),
             "accuracy": accuracy(s, t),
@@ -514,7 +510,8 @@ class Trainer:
         self._window_waited += seconds
 
     def _diverged(self, what: str) -> "Diverged":
-        last = newest_complete(self.checkpoints) if self.processes.main else None
+        # Diverged states are never saved, so the newest step file holds the last good model.
+        last = step_files(self.checkpoints) if self.processes.main else []
         return Diverged(
             f"{what} at step {self.step} (epoch {self.epoch}): the model diverged. Likely "
             f"causes: a learning rate too high for this data (optimizer.lr="

@@ -1,6 +1,7 @@
 """Shared fixtures: the real config tree composed through Hydra, outputs in `tmp_path`."""
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -36,6 +37,13 @@ def compose_config() -> Callable[..., DictConfig]:
             return compose("train", overrides=list(overrides))
 
     return _compose
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (for torchrun, TensorBoard)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:

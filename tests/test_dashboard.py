@@ -5,7 +5,6 @@ import json
 import os
 import pty
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL, run_cli
+from conftest import REPO, SMALL, free_port, run_cli
 
 from largeml.checkpoint import load_checkpoint, step_files
 
 _SCRIPT = Path(sys.executable).with_name("tensorboard")
 TENSORBOARD = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "tensorboard.main"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(base: str, path: str, **query: str):

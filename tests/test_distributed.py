@@ -14,7 +14,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import time
 from contextlib import suppress
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, TORCHRUN, run_cli
+from conftest import REPO, SMALL, TORCHRUN, free_port, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import load_checkpoint
@@ -37,12 +36,6 @@ DIST_ERROR = "another rank died, hangs, or cannot be reached"
 # A run far longer than any test waits: 250 steps an epoch for 400 epochs.
 LONG = ["data.n_samples=80000", "data.n_features=20", "trainer.max_epochs=400",
         "trainer.log_every_n_steps=50"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_args(*args: str, nproc: int = 2, rdzv_id: str | None = None) -> list[str]:

@@ -22,7 +22,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, TORCHRUN, write_dense_shards
+from conftest import REPO, TORCHRUN, free_port, write_dense_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import (
@@ -214,12 +213,6 @@ def flip_middle_byte(path: Path) -> None:
 
 def truncate_to_half(path: Path) -> None:
     os.truncate(path, path.stat().st_size // 2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- fixtures --------------------------------------------------------------------------------

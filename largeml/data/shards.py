@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from largeml.errors import DataError
+from largeml.files import fsync_dir
 
 FORMAT = "largeml-shards"
 VERSION = 1
@@ -170,11 +171,11 @@ class ShardWriter:
             "source": self.source,
         }
         _write_synced(self.tmp_dir / INDEX, json.dumps(index, indent=1).encode())
-        _fsync_dir(self.tmp_dir)
+        fsync_dir(self.tmp_dir)
         if self.out_dir.exists():
             shutil.rmtree(self.out_dir)
         os.replace(self.tmp_dir, self.out_dir)
-        _fsync_dir(self.out_dir.parent)
+        fsync_dir(self.out_dir.parent)
         return open_shards(self.out_dir)
 
     def _count_labels(self, y: np.ndarray) -> None:
@@ -343,11 +344,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -164,7 +164,7 @@ def a9a(batch_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1
     return module
 
 
-def _prepared(path: str, key: str, format: str, cache_dir: str, **options) -> ShardIndex:
+def prepared(path: str, key: str, format: str, cache_dir: str, **options) -> ShardIndex:
     """A prepared directory as it is, or a raw file converted once into `cache_dir`."""
     if format == "shards" or Path(path).is_dir():
         return open_shards(path)
@@ -209,8 +209,8 @@ def files(
             f"workers; set data.num_workers=0 (got {num_workers})"
         )
     options = {"n_features": n_features, "label_column": label_column}
-    train = _prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
-    val = None if val_path is None else _prepared(
+    train = prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
+    val = None if val_path is None else prepared(
         val_path, "data.val_path", format, cache_dir, labels=val_labels, **options)
     if val is not None and (
         val.n_features > train.n_features
