@@ -8,6 +8,7 @@ forever for a rank that died or hangs.
 """
 
 import functools
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -97,7 +98,12 @@ def start(processes: Processes, device: torch.device, timeout_s: float) -> None:
 
 
 def stop() -> None:
+    """Leaves the process group and frees it now. A group still referenced at exit (by a DDP
+    wrapper in a reference cycle, say) is freed during interpreter shutdown, where gloo's worker
+    threads can no longer take the GIL: "terminate called without an active exception", SIGABRT,
+    in about 1 of 25 two-process runs here."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

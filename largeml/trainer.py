@@ -209,6 +209,9 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous_handler)
             self._progress.close()
             self.logger.close()
+            # DDP holds the process group: let go of it so that distributed.stop() frees the
+            # group (and joins gloo's threads) while the interpreter is still whole.
+            self.model = self.module
         log.info("final: %s", _format(final))
         return final
 
