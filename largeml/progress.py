@@ -1,4 +1,5 @@
-"""A progress line for long loops (training, evaluation), readable on a terminal and in a log."""
+"""A progress line for long loops (training, evaluation, conversion), readable on a terminal and
+in a log."""
 
 import logging
 import math
@@ -11,34 +12,40 @@ log = logging.getLogger(__name__)
 class Progress:
     """Progress of a loop on rank 0: on a terminal, one status line redrawn in place; elsewhere
     (CI logs, files) a plain log line at most every `every` seconds, and one at the end. Both
-    read `step N/T (P%), R samples/s, ETA hh:mm:ss` (`unit` names what N counts)."""
+    read `[label ]step N/T (P%), R samples/s, ETA hh:mm:ss` (`unit` names what N counts)."""
 
-    def __init__(self, total: int, enabled: bool = True, every: float = 30.0,
-                 unit: str = "step") -> None:
+    def __init__(self, total: float, enabled: bool = True, every: float = 30.0,
+                 unit: str = "step", label: str = "") -> None:
         self.total, self.enabled, self.every, self.unit = total, enabled, every, unit
+        self.prefix = f"{label} " if label else ""
         self.terminal = False
         self.last_line = -math.inf
         self.started = time.perf_counter()
         self.first_step = 0
+        self.ended = False
 
-    def start(self, step: int) -> None:
+    def start(self, step: float) -> None:
         self.terminal = self.enabled and sys.stderr.isatty()
         # The first line comes with the first step: a log shows at once that training runs.
         self.started, self.first_step, self.last_line = time.perf_counter(), step, -math.inf
+        self.ended = False
 
-    def update(self, step: int, rate: float | None = None) -> None:
+    def update(self, step: float, rate: float | None = None) -> None:
         """`step` of `total` done, at `rate` samples per second when known."""
         if not self.enabled:
             return
         interval = 0.2 if self.terminal else self.every
-        if time.monotonic() - self.last_line < interval and step < self.total:
+        if self.ended or time.monotonic() - self.last_line < interval and step < self.total:
             return
+        self.ended = step >= self.total  # one line at the end, however often it is reported
         self.last_line = time.monotonic()
-        eta = (time.perf_counter() - self.started) / max(step - self.first_step, 1) * (
-            self.total - step)
-        line = (f"{self.unit} {step}/{self.total} ({100 * step / self.total:.0f}%), "
+        done = step - self.first_step
+        eta = "--:--:--" if done <= 0 else time.strftime("%H:%M:%S", time.gmtime(
+            (time.perf_counter() - self.started) / done * (self.total - step)))
+        line = (f"{self.prefix}{self.unit} {_amount(step)}/{_amount(self.total)} "
+                f"({math.floor(100 * step / max(self.total, 1e-12))}%), "
                 f"{'-' if rate is None else f'{rate:,.0f}'} samples/s, "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+                f"ETA {eta}")
         if self.terminal:
             sys.stderr.write(f"\r{line}\x1b[K")  # \x1b[K: clear the rest of the line
             sys.stderr.flush()
@@ -50,3 +57,8 @@ class Progress:
             sys.stderr.write("\r\x1b[K")  # the log lines stay, the status line goes
             sys.stderr.flush()
             self.terminal = False
+
+
+def _amount(n: float) -> str:
+    """Whole counts as they are, fractional ones (MiB read) to one decimal."""
+    return f"{n:,.1f}" if isinstance(n, float) else str(n)

@@ -1,6 +1,7 @@
 """Shared fixtures: the real config tree composed through Hydra, outputs in `tmp_path`."""
 
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -65,3 +66,25 @@ def write_dense_shards(root: Path, rows: int, features: int, seed: int = 0) -> P
         for i in range(0, rows, 70):  # shards of 210 rows: batches straddle shard ends
             writer.write_dense(x[i:i + 70], y[i:i + 70])
     return root
+
+
+def run_in_terminal(module: str, *args: str, cwd: Path, timeout: float = 120) -> tuple[int, str]:
+    """Runs `python -m MODULE ARGS` with its stdout and stderr on a pseudo-terminal, as in an
+    interactive shell: (exit code, everything the terminal received)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    leader, follower = pty.openpty()
+    with subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          stdout=follower, stderr=follower) as process:
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        code = process.wait(timeout=timeout)
+    os.close(leader)
+    return code, b"".join(chunks).decode(errors="replace")

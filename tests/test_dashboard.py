@@ -2,8 +2,6 @@
 display on a terminal and in a log, and a diverging run stopped with a message that says why."""
 
 import json
-import os
-import pty
 import re
 import subprocess
 import sys
@@ -14,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SMALL, free_port, run_cli
+from conftest import SMALL, free_port, run_cli, run_in_terminal
 
 from largeml.checkpoint import load_checkpoint, step_files
 
@@ -82,24 +80,9 @@ def test_progress_is_plain_lines_when_not_a_terminal(tmp_path):
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
-    leader, follower = pty.openpty()
-    with subprocess.Popen([sys.executable, "-m", "largeml.train",
-                           f"hydra.run.dir={tmp_path / 'run'}", *SMALL],
-                          cwd=tmp_path, env=env, stdout=follower, stderr=follower) as process:
-        os.close(follower)
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # the terminal closed with the process
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        assert process.wait(timeout=120) == 0
-    os.close(leader)
-    screen = b"".join(chunks).decode(errors="replace")
+    code, screen = run_in_terminal("largeml.train", f"hydra.run.dir={tmp_path / 'run'}", *SMALL,
+                                   cwd=tmp_path)
+    assert code == 0, screen[-2000:]
     # One status line redrawn in place ("\r...\x1b[K"), not log lines, and cleared at the end.
     status = re.findall(r"\r(step \d+/20 \(\d+%\), [\d,-]+ samples/s, ETA \d\d:\d\d:\d\d)\x1b\[K",
                         screen)

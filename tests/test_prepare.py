@@ -1,12 +1,14 @@
 """`python -m largeml.prepare` end to end, as a user runs it: real Hydra, real files on disk."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_in_terminal
 from test_convert import LIBSVM, LIBSVM_X, LIBSVM_Y, read_back
 
 from largeml.data.shards import open_shards
@@ -39,6 +41,33 @@ def test_libsvm_to_shards(tmp_path):
                      if p.parent != tmp_path / "data" / "train")
     assert written == ["data", "data/train", "train.svm"]
     assert not list(tmp_path.rglob(".*"))  # no .hydra/, no leftover .partial directory
+
+
+def test_progress_is_a_plain_log_line_when_not_a_terminal(tmp_path):
+    (tmp_path / "train.svm").write_text(LIBSVM)
+    result = prepare("input=train.svm", "output=data", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    output = result.stderr + result.stdout
+    lines = re.findall(r"converting train\.svm: KiB [\d.]+/0\.1 \((\d+)%\), ([\d,]+) samples/s, "
+                       r"ETA \d\d:\d\d:\d\d", output)
+    assert len(lines) == 1 and lines[0][0] == "100", output  # a small file: one line, at the end
+    assert int(lines[0][1].replace(",", "")) > 0
+    assert "\r" not in output
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    # 7.5 MiB of text, read in 4 MiB chunks: a status line after the first (the first always
+    # shows) and after the last (at most 5 a second in between).
+    (tmp_path / "big.svm").write_text("+1 1:0.5 3:0.25 4:1\n-1 2:0.75 5:2\n" * 230_000)
+    code, screen = run_in_terminal("largeml.prepare", "input=big.svm", "output=data",
+                                   cwd=tmp_path)
+    assert code == 0, screen[-2000:]
+    status = re.findall(r"\r(converting big\.svm: MiB ([\d.]+)/7\.5 \((\d+)%\), [\d,]+ "
+                        r"samples/s, ETA \d\d:\d\d:\d\d)\x1b\[K", screen)
+    read = [float(mib) for _, mib, _ in status]
+    assert len(read) >= 2 and read == sorted(read), screen[-2000:]
+    assert status[-1][2] == "100" and all(int(pct) < 100 for _, _, pct in status[:-1])
+    assert "\r\x1b[Kprepared 460,000 rows" in screen  # the status line is cleared, then the summary
 
 
 def test_multirun_writes_only_the_outputs(tmp_path):

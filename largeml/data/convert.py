@@ -23,6 +23,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import re
 import time
 import zlib
@@ -32,16 +33,17 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-from tqdm import tqdm
 
 from largeml.data import shards
 from largeml.data.libsvm import MAX_INDEX, parse_line
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import ConfigError, DataError
+from largeml.progress import Progress
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("libsvm", "csv", "npy")
+MiB = 1 << 20
 CHUNK_BYTES = 4 << 20  # text read per parse; parse temporaries are a few times this
 DENSE_BLOCK_BYTES = 16 << 20  # dense rows handed to the writer at once
 
@@ -91,8 +93,13 @@ def convert(
     source = {"path": str(path.resolve()), "format": fmt, "bytes": path.stat().st_size}
     if labels is not None:
         source["labels"] = str(Path(labels).resolve())
-    with tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"converting {path.name}", disable=None) as progress:
+    # Progress in MiB (KiB) of the input read, on rank 0 (under torchrun one rank converts and
+    # the others wait; only rank 0 talks to the console).
+    unit, scale = ("MiB", MiB) if path.stat().st_size >= MiB else ("KiB", 1024)
+    progress = Progress(path.stat().st_size / scale, enabled=os.environ.get("RANK", "0") == "0",
+                        unit=unit, label=f"converting {path.name}:")
+    progress.start(0.0)
+    try:
         if fmt == "npy":
             return _convert_npy(path, Path(labels), output, n_features, shard_bytes, source,
                                 progress)
@@ -102,6 +109,8 @@ def convert(
                 return _convert_csv(path, chunks, output, n_features, label_column, shard_bytes,
                                     source)
             return _convert_libsvm(path, chunks, output, layout, n_features, shard_bytes, source)
+    finally:
+        progress.close()
 
 
 def cached(
@@ -186,10 +195,10 @@ def _identity(path: Path) -> list[Any]:
 # ----------------------------------------------------------------------------- text input
 
 
-def _text_chunks(path: Path, raw: BinaryIO, progress: tqdm) -> Iterator[tuple[int, bytes]]:
+def _text_chunks(path: Path, raw: BinaryIO, progress: Progress) -> Iterator[tuple[int, bytes]]:
     """Yields (number of the first line, text of whole lines ending in a newline)."""
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
-    lineno, rest, done = 1, b"", 0
+    lineno, rest, started, size = 1, b"", time.perf_counter(), max(path.stat().st_size, 1)
     while True:
         try:
             data = stream.read(CHUNK_BYTES)
@@ -197,8 +206,6 @@ def _text_chunks(path: Path, raw: BinaryIO, progress: tqdm) -> Iterator[tuple[in
             raise DataError(
                 f"{path}: cannot decompress ({err}); is it a complete .gz file?"
             ) from err
-        progress.update(raw.tell() - done)
-        done = raw.tell()
         if not data:
             if rest:
                 yield lineno, rest + b"\n"
@@ -207,8 +214,10 @@ def _text_chunks(path: Path, raw: BinaryIO, progress: tqdm) -> Iterator[tuple[in
         cut = data.rfind(b"\n") + 1
         chunk, rest = data[:cut], data[cut:]
         if chunk:
-            yield lineno, chunk
+            yield lineno, chunk  # parsed and written before the next read
             lineno += chunk.count(b"\n")
+        progress.update(progress.total * raw.tell() / size,
+                        (lineno - 1) / (time.perf_counter() - started))
 
 
 def _padded(chunk: bytes) -> np.ndarray:
@@ -578,7 +587,7 @@ def _csv_slow(chunk: bytes, lineno: int, path: Path, header: list[str], label_at
 
 
 def _convert_npy(path: Path, labels_path: Path, output: str | Path, n_features: int | None,
-                 shard_bytes: int, source: dict[str, Any], progress: tqdm) -> ShardIndex:
+                 shard_bytes: int, source: dict[str, Any], progress: Progress) -> ShardIndex:
     x = _load_npy(path, "input")
     y = _load_npy(labels_path, "labels")
     if x.ndim != 2 or x.dtype.kind not in "fiub" or x.shape[1] < 1:
@@ -596,6 +605,7 @@ def _convert_npy(path: Path, labels_path: Path, output: str | Path, n_features: 
         raise DataError(f"{path}: {x.shape[1]} feature columns, but n_features={n_features}")
     check = _Labels("row")
     block = max(1, min(1 << 16, DENSE_BLOCK_BYTES // (x.itemsize * x.shape[1])))
+    started = time.perf_counter()
     with ShardWriter(output, "dense", x.shape[1], shard_bytes, source) as writer:
         for lo in range(0, len(x), block):
             features = np.asarray(x[lo:lo + block], dtype=np.float64)
@@ -611,7 +621,9 @@ def _convert_npy(path: Path, labels_path: Path, output: str | Path, n_features: 
                     check.check(float(value), f"{value:g}", f"{labels_path}: row {i}", i)
             rows = _Rows(y=_to_01(raw), x=features.astype(np.float32))
             _write_dense(writer, rows, x.shape[1], _piece_bytes(shard_bytes))
-            progress.update(features.shape[0] * x.itemsize * x.shape[1])
+            done = lo + len(features)
+            progress.update(progress.total * done / len(x),
+                            done / max(time.perf_counter() - started, 1e-9))
     return open_shards(output)
 
 
