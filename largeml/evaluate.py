@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from largeml import metrics
 from largeml.checkpoint import DamagedCheckpoint, load_checkpoint
 from largeml.data.shards import ShardIndex
-from largeml.data.sources import prepared
+from largeml.data.sources import labelled, prepared
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError, LargemlError
 from largeml.files import replace_text
@@ -75,9 +75,12 @@ def open_data(data: DictConfig, key: str = "data.path") -> ShardIndex:
     path = str(data.path)
     if not Path(path).exists():
         raise DataError(f"{key}: no such file or directory: {path}")
+    if data.label_column is None:
+        raise ConfigError("data.label_column=null means no labels: evaluation needs them; name "
+                          "the CSV's label column (largeml.predict scores unlabelled rows)")
     options = {"n_features": data.n_features, "label_column": data.label_column,
                "labels": None if data.labels is None else str(data.labels)}
-    return prepared(path, key, data.format, data.cache_dir, **options)
+    return labelled(prepared(path, key, data.format, data.cache_dir, **options), key)
 
 
 def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStream:

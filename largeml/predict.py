@@ -5,8 +5,9 @@ The keys are in `configs/predict.yaml`. Per row: `score` (the model's output), `
 (sigmoid of the score, for models trained with `loss=bce` only) and `label` (1 if score > 0,
 else 0). The input is read and the output written `batch_size` rows at a time, so memory is one
 batch whatever the file's size. A `.npy` input is read in place (memory-mapped) and needs no
-labels; shard directories and LIBSVM / CSV files go through the same conversion cache as
-`data=files`. A missing file or a bad option stops with exit code 2.
+labels, nor does a CSV without a `label` column; shard directories and LIBSVM / CSV files go
+through the same conversion cache as `data=files`. A missing file or a bad option stops with
+exit code 2.
 """
 
 import logging
@@ -21,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from largeml.data.convert import resolve_format
+from largeml.data.convert import csv_header, resolve_format
 from largeml.data.sources import prepared
 from largeml.errors import ConfigError, DataError, LargemlError
 from largeml.evaluate import (
@@ -74,8 +75,12 @@ def input_scores(cfg: DictConfig, model: nn.Module,
                 yield model(x.to(device)).float().cpu()
 
         return rows, scores()
+    label_column = cfg.label_column
+    if label_column == "auto":  # a file to score often has no labels
+        csv = path.is_file() and resolve_format(path, cfg.format) == "csv"
+        label_column = "label" if csv and "label" in csv_header(path) else None
     index = prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
-                      n_features=cfg.n_features, label_column=cfg.label_column)
+                      n_features=cfg.n_features, label_column=label_column)
     shards = stream(index, width, cfg.batch_size, "input")
     return index.rows, (s for s, _ in scores_of(model, shards, device))
 

@@ -215,6 +215,28 @@ def test_csv_label_column_by_position_and_explicit_format(tmp_path):
     np.testing.assert_array_equal(y, [0, 1])
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("text, expected", [
+    ("a,b,label\n1,2,5\n\n3,4,-7.5\n", [[1, 2, 5], [3, 4, -7.5]]),  # "label" is a feature
+    ("only\n1.5\n-2\n", [[1.5], [-2]]),  # one column
+], ids=["three-columns", "one-column"])
+def test_csv_without_labels(tmp_path, request, chunked, text, expected):
+    """label_column=None: every column is a feature (rows to score); each row gets label 0."""
+    if chunked:
+        request.getfixturevalue("small_chunks")
+    index = convert(_write(tmp_path / "d.csv", text), tmp_path / "out", label_column=None)
+    assert index.source["label_column"] is None
+    x, y = read_back(index)
+    np.testing.assert_array_equal(x, np.array(expected, dtype=np.float32))
+    np.testing.assert_array_equal(y, np.zeros(len(expected)))
+
+
+def test_csv_without_labels_still_names_a_bad_value(tmp_path):
+    path = _write(tmp_path / "d.csv", "a,b\n1,2\n3,x\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: column 'b': value 'x' is not a number"):
+        convert(path, tmp_path / "out", label_column=None)
+
+
 def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
     monkeypatch.setattr(convert_module, "DENSE_BLOCK_BYTES", 200)  # a few rows per read
     rng = np.random.default_rng(1)

@@ -106,6 +106,42 @@ def test_predict_libsvm_csv_and_shard_inputs(tmp_path, logreg, features):
         np.testing.assert_allclose(table[:, 0], scores, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_predict_csv_without_a_label_column(tmp_path, logreg, features):
+    """A file to score usually has no labels: with label_column=auto (the default) a CSV
+    without a `label` column is all features; one with it has that column left out."""
+    expected = direct_scores(logreg, features)
+    names = [f"f{i}" for i in range(FEATURES)]
+    rows = [",".join(map(text, row)) for row in features]
+    (tmp_path / "plain.csv").write_text(",".join(names) + "\n" + "\n".join(rows) + "\n")
+    labelled = [",".join([*row.split(",")[:3], "1", *row.split(",")[3:]]) for row in rows]
+    (tmp_path / "labelled.csv").write_text(",".join([*names[:3], "label", *names[3:]]) + "\n"
+                                           + "\n".join(labelled) + "\n")
+    for name in ("plain.csv", "labelled.csv"):
+        predict(tmp_path, logreg, tmp_path / name, tmp_path / f"{name}.out.csv")
+        _, table = read_csv(tmp_path / f"{name}.out.csv")
+        np.testing.assert_allclose(table[:, 0], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_unlabelled_data_is_refused_for_training_and_evaluation(tmp_path, logreg, features):
+    header = ",".join(f"f{i}" for i in range(FEATURES))
+    (tmp_path / "x.csv").write_text(header + "\n" + "".join(
+        ",".join(map(text, row)) + "\n" for row in features))
+    result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", "data=files",
+                     f"data.train_path={tmp_path / 'x.csv'}", "data.label_column=null",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    assert "data.label_column=null means no labels: training needs them" in result.stdout
+    convert(tmp_path / "x.csv", tmp_path / "scoring", label_column=None)  # prepared unlabelled
+    result = run_cli(f"hydra.run.dir={tmp_path / 'run2'}", "data=files",
+                     f"data.train_path={tmp_path / 'scoring'}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"data.train_path {tmp_path / 'scoring'} was prepared from" in result.stdout
+    assert "label_column=null: it has no labels" in result.stdout
+    result = run_module("evaluate", f"checkpoint={logreg}", f"data.path={tmp_path / 'scoring'}",
+                        cwd=tmp_path)
+    assert result.returncode == 2 and "label_column=null: it has no labels" in result.stdout
+
+
 def test_predict_svm_has_no_probability(tmp_path, svm, features):
     np.save(tmp_path / "x.npy", features)
     predict(tmp_path, svm, tmp_path / "x.npy", tmp_path / "p.csv")

@@ -75,7 +75,7 @@ def convert(
     layout: str | None = None,
     n_features: int | None = None,
     labels: str | Path | None = None,
-    label_column: str | int = "label",
+    label_column: str | int | None = "label",
     shard_bytes: int = shards.SHARD_BYTES,
 ) -> ShardIndex:
     """Converts `input` into a shard directory at `output` in one streaming pass.
@@ -83,7 +83,8 @@ def convert(
     `format` is `libsvm`, `csv`, `npy` or `auto` (by extension: `.npy`, `.csv`/`.csv.gz`, else
     libsvm); `.gz` text is decompressed on the fly. LIBSVM is sparse unless `layout="dense"`
     (which needs `n_features`); CSV (a header row, labels in `label_column`, by name or
-    position) and `.npy` (features, with a 1-D `labels` `.npy`) are dense.
+    position, or no labels with `label_column=None`: rows to score, all given label 0) and `.npy`
+    (features, with a 1-D `labels` `.npy`) are dense.
     """
     path = Path(input)
     fmt = resolve_format(path, format)
@@ -468,23 +469,25 @@ def _libsvm_slow(chunk: bytes, lineno: int, path: Path, n_features: int | None,
 
 
 def _convert_csv(path: Path, chunks: Iterator[tuple[int, bytes]], output: str | Path,
-                 n_features: int | None, label_column: str | int, shard_bytes: int,
+                 n_features: int | None, label_column: str | int | None, shard_bytes: int,
                  source: dict[str, Any]) -> ShardIndex:
+    """`label_column=None`: no label column (rows to score with `largeml.predict`); every row
+    gets label 0."""
     for lineno, chunk in chunks:
         header, lineno, chunk = _read_header(chunk, lineno)
         if header is not None:
             break
     else:
         raise DataError(f"{path}: no header row (the file is empty)")
-    label_at = _label_position(header, label_column, path)
+    label_at = None if label_column is None else _label_position(header, label_column, path)
     features = [i for i in range(len(header)) if i != label_at]
     if not features:
         raise DataError(f"{path}: the header has no feature columns besides the label")
     if n_features is not None and n_features != len(features):
         raise DataError(f"{path}: {len(features)} feature columns, but n_features={n_features}; "
                         "leave n_features unset for CSV")
-    source["label_column"] = header[label_at]
-    labels = _Labels("line")
+    source["label_column"] = None if label_at is None else header[label_at]
+    labels, rows_read = _Labels("line"), 0
     piece = _piece_bytes(shard_bytes)
     with ShardWriter(output, "dense", len(features), shard_bytes, source) as writer:
         for first_line, text in itertools.chain([(lineno, chunk)], chunks):
@@ -493,11 +496,25 @@ def _convert_csv(path: Path, chunks: Iterator[tuple[int, bytes]], output: str | 
             matrix = _csv_fast(text, first_line, len(header), label_at, labels)
             if matrix is None:
                 matrix = _csv_slow(text, first_line, path, header, label_at, labels)
-            rows = _Rows(y=_to_01(matrix[:, label_at]), x=matrix[:, features].astype(np.float32))
+            y = np.zeros(len(matrix)) if label_at is None else matrix[:, label_at]
+            rows = _Rows(y=_to_01(y), x=matrix[:, features].astype(np.float32))
             _write_dense(writer, rows, len(features), piece)
-        if not labels.first:
+            rows_read += len(matrix)
+        if not rows_read:
             raise DataError(f"{path}: no data rows after the header")
     return open_shards(output)
+
+
+def csv_header(path: Path) -> list[str]:
+    """The column names in the first non-blank line of a CSV (or .csv.gz) file."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as lines:
+            for line in lines:
+                if line.strip():
+                    return _read_header(line, 0)[0] or []
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read ({err})") from err
+    return []
 
 
 def _read_header(chunk: bytes, lineno: int) -> tuple[list[str] | None, int, bytes]:
@@ -524,9 +541,11 @@ def _label_position(header: list[str], label_column: str | int, path: Path) -> i
     return header.index(str(label_column))
 
 
-def _csv_fast(chunk: bytes, lineno: int, n_columns: int, label_at: int,
+def _csv_fast(chunk: bytes, lineno: int, n_columns: int, label_at: int | None,
               labels: _Labels) -> np.ndarray | None:
     """Parses a chunk of CSV rows into a float64 matrix; None if anything needs a closer look."""
+    if n_columns < 2:  # one column, no commas: left to the slow path
+        return None
     if b"\r" in chunk:
         chunk = chunk.replace(b"\r\n", b"\n")
     buf = _padded(chunk)
@@ -545,15 +564,16 @@ def _csv_fast(chunk: bytes, lineno: int, n_columns: int, label_at: int,
     if values is None:
         return None
     matrix = values.reshape(-1, n_columns)
-    features = np.delete(matrix, label_at, axis=1)
+    features = matrix if label_at is None else np.delete(matrix, label_at, axis=1)
     if not _fits_float32(features):
         return None
-    if not labels.accept(matrix[:, label_at], lineno + np.flatnonzero(filled)):
+    if label_at is not None and not labels.accept(matrix[:, label_at],
+                                                  lineno + np.flatnonzero(filled)):
         return None
     return matrix
 
 
-def _csv_slow(chunk: bytes, lineno: int, path: Path, header: list[str], label_at: int,
+def _csv_slow(chunk: bytes, lineno: int, path: Path, header: list[str], label_at: int | None,
               labels: _Labels) -> np.ndarray:
     """Parses a chunk of CSV line by line: what is accepted, and the error for what is not."""
     rows = []

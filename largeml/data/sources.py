@@ -175,6 +175,14 @@ def prepared(path: str, key: str, format: str, cache_dir: str, **options) -> Sha
     return cached(path, Path(cache_dir).expanduser(), format=format, **options)
 
 
+def labelled(index: ShardIndex, key: str) -> ShardIndex:
+    """`index`, unless it was prepared without labels (`label_column=null`, rows to score)."""
+    if index.source.get("label_column", "") is None:
+        raise DataError(f"{key} {index.root} was prepared from {index.source.get('path')} with "
+                        "label_column=null: it has no labels to train on or evaluate against")
+    return index
+
+
 def files(
     train_path: str,
     val_path: str | None = None,
@@ -208,10 +216,16 @@ def files(
             "data.resident=true reads no files while training, so it takes no DataLoader "
             f"workers; set data.num_workers=0 (got {num_workers})"
         )
+    if label_column is None:
+        raise ConfigError("data.label_column=null means no labels: training needs them; name "
+                          "the CSV's label column (largeml.predict scores unlabelled rows)")
     options = {"n_features": n_features, "label_column": label_column}
     train = prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
     val = None if val_path is None else prepared(
         val_path, "data.val_path", format, cache_dir, labels=val_labels, **options)
+    labelled(train, "data.train_path")
+    if val is not None:
+        labelled(val, "data.val_path")
     if val is not None and (
         val.n_features > train.n_features
         or (train.layout == "dense" and val.n_features != train.n_features)
