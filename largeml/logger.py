@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
@@ -27,6 +28,11 @@ class RunLogger:
 
     def pr_curve(self, tag: str, labels, probabilities, step: int) -> None:
         self.writer.add_pr_curve(tag, labels.cpu(), probabilities.cpu(), step)
+
+    def histograms(self, module: nn.Module, step: int) -> None:
+        """Each parameter's values (TensorBoard's Histograms and Distributions tabs)."""
+        for name, parameter in module.named_parameters():
+            self.writer.add_histogram(f"weights/{name}", parameter.detach().float().cpu(), step)
 
     def write_metrics(self, metrics: Mapping[str, float]) -> None:
         """Replaces `metrics.json` atomically: a reader never sees half a file."""
@@ -81,6 +87,9 @@ class NoLogger:
         pass
 
     def pr_curve(self, tag: str, labels, probabilities, step: int) -> None:
+        pass
+
+    def histograms(self, module: nn.Module, step: int) -> None:
         pass
 
     def finish(self, hparams: Mapping[str, Any], metrics: Mapping[str, float], step: int) -> None:

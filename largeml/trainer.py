@@ -312,6 +312,7 @@ class Trainer:
             # Any increasing map of the scores gives the same curve; the sigmoid puts a logit
             # or a margin in [0, 1], as TensorBoard wants.
             self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores), self.step)
+            self.logger.histograms(self.module, self.step)
         self._last_val, self._last_val_step = metrics, self.step
         if not math.isfinite(metrics["val/loss"]):
             raise self._diverged(f"validation loss is {metrics['val/loss']}")

@@ -66,6 +66,14 @@ def test_tensorboard_server_serves_the_run(tmp_path):
                                  tag="perf/data_wait_fraction")[-1][2] <= 1
             pr_tags = get_json(base, "/data/plugin/pr_curves/tags")
             assert "val/pr_curve" in pr_tags[name], pr_tags
+            # Weight histograms at each validation: the 20 weights of the linear model, then
+            # its bias.
+            histogram_tags = sorted(get_json(base, "/data/plugin/histograms/tags")[name])
+            assert histogram_tags == ["weights/linear.bias", "weights/linear.weight"]
+            for tag, count in zip(histogram_tags, (1, 20), strict=True):
+                series = get_json(base, "/data/plugin/histograms/histograms", run=name, tag=tag)
+                assert [step for _, step, _ in series] == [10, 20] == steps
+                assert sum(bucket[2] for bucket in series[-1][2]) == pytest.approx(count)
     finally:
         server.terminate()
         server.wait(timeout=30)
