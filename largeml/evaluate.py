@@ -32,7 +32,7 @@ from largeml.errors import ConfigError, DataError, LargemlError
 from largeml.files import replace_text
 from largeml.progress import Progress
 from largeml.train import build_function
-from largeml.trainer import resolve_device
+from largeml.trainer import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,23 @@ def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStr
     return ShardStream(index, batch_size, shuffle=False, n_features=width, evaluation=True)
 
 
+def precision_of(config: dict[str, Any]) -> str:
+    """The training run's `trainer.precision`: scores computed as its validation computed them."""
+    return str(config["trainer"].get("precision", 32))
+
+
 @torch.no_grad()
-def scores_of(model: nn.Module, batches: ShardStream,
-              device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+def scores_of(model: nn.Module, batches: ShardStream, device: torch.device,
+              precision: str = "32") -> Iterator[tuple[Tensor, Tensor]]:
     """(scores, labels) of each batch, on the CPU, in file order, with a progress line."""
     progress = Progress(len(batches), unit="batch")
     progress.start(0)
     started, rows = time.perf_counter(), 0
     try:
         for done, (x, y) in enumerate(batches, 1):
-            yield model(x.to(device)).float().cpu(), y
+            with autocast(precision, device):
+                scores = model(x.to(device)).float().cpu()
+            yield scores, y
             rows += len(y)
             progress.update(done, rows / max(time.perf_counter() - started, 1e-9))
     finally:
@@ -112,7 +119,7 @@ def scores_of(model: nn.Module, batches: ShardStream,
 def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
              device: torch.device) -> dict[str, Any]:
     """Every metric over all rows of `batches`."""
-    pairs = list(scores_of(model.to(device), batches, device))
+    pairs = list(scores_of(model.to(device), batches, device, precision_of(config)))
     s = torch.cat([p[0] for p in pairs])
     t = torch.cat([p[1] for p in pairs]).float()
     result: dict[str, Any] = {

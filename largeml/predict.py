@@ -30,11 +30,12 @@ from largeml.evaluate import (
     is_logistic,
     load_model,
     model_width,
+    precision_of,
     required,
     scores_of,
     stream,
 )
-from largeml.trainer import resolve_device
+from largeml.trainer import autocast, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ def npy_batches(path: Path, width: int, batch_size: int) -> tuple[int, Iterator[
     return len(x), batches
 
 
-def input_scores(cfg: DictConfig, model: nn.Module,
-                 device: torch.device) -> tuple[int, Iterator[Tensor]]:
-    """The number of input rows and the model's scores, batch by batch, in row order."""
+def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
+                 precision: str = "32") -> tuple[int, Iterator[Tensor]]:
+    """The number of input rows and the model's scores, batch by batch, in row order, computed
+    in `precision` (the training run's)."""
     path = Path(str(cfg.input))
     width = model_width(model.state_dict())
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
@@ -72,7 +74,9 @@ def input_scores(cfg: DictConfig, model: nn.Module,
         @torch.no_grad()
         def scores() -> Iterator[Tensor]:
             for x in batches:
-                yield model(x.to(device)).float().cpu()
+                with autocast(precision, device):
+                    scores = model(x.to(device)).float().cpu()
+                yield scores
 
         return rows, scores()
     label_column = cfg.label_column
@@ -82,7 +86,7 @@ def input_scores(cfg: DictConfig, model: nn.Module,
     index = prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
                       n_features=cfg.n_features, label_column=label_column)
     shards = stream(index, width, cfg.batch_size, "input")
-    return index.rows, (s for s, _ in scores_of(model, shards, device))
+    return index.rows, (s for s, _ in scores_of(model, shards, device, precision))
 
 
 def columns(scores: Tensor, logistic: bool) -> dict[str, np.ndarray]:
@@ -104,7 +108,7 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
     device = resolve_device(cfg.device)
     model, config = load_model(checkpoint)
     logistic = wants_probability(cfg.probability, config)
-    rows, batches = input_scores(cfg, model.to(device), device)
+    rows, batches = input_scores(cfg, model.to(device), device, precision_of(config))
     names = ["score", "probability", "label"] if logistic else ["score", "label"]
     output.parent.mkdir(parents=True, exist_ok=True)
     written = 0

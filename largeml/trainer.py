@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,13 @@ class Preempted(LargemlError):
 
 class Diverged(LargemlError):
     """The loss became NaN or infinite; no checkpoint of the diverged model was written."""
+
+
+def autocast(precision: str | int, device: torch.device) -> AbstractContextManager:
+    """The arithmetic of `trainer.precision`: bf16 autocast, or plain float32 (32)."""
+    if str(precision) == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -468,10 +475,8 @@ class Trainer:
             return distributed.any_(self._sigterm, self.device)
         return self._sigterm
 
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext()
+    def _autocast(self) -> AbstractContextManager:
+        return autocast(self.precision, self.device)
 
     @contextmanager
     def _paused(self) -> Iterator[None]:

@@ -103,9 +103,10 @@ def train(tmp_path: Path, shards: Path, *overrides: str) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("overrides, logistic", [([], True), (["model=svm"], False),
-                                                 (["model=mlp", "optimizer=adam"], True)],
-                         ids=["logreg", "svm", "mlp"])
+@pytest.mark.parametrize("overrides, logistic", [
+    ([], True), (["model=svm"], False), (["model=mlp", "optimizer=adam"], True),
+    (["model=mlp", "optimizer=adam", "trainer.precision=bf16"], True),  # scored in bf16 again
+], ids=["logreg", "svm", "mlp", "mlp-bf16"])
 def test_evaluate_reproduces_the_validation_metrics(tmp_path, shards, overrides, logistic):
     run_dir = train(tmp_path, shards, *overrides)
     logged = json.loads((run_dir / "metrics.json").read_text())
