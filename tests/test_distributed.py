@@ -4,12 +4,15 @@ Covers what a multi-process run promises: one run directory per launch written b
 N processes with global batch B train the same model as one process with batch B; streamed
 shards of uneven sizes finish with the expected step count; a global batch that does not split
 over the processes is refused before training; and a rank that dies (SIGKILL) or hangs
-(SIGSTOP) ends the whole launch within a bounded time instead of leaving it waiting forever.
+(SIGSTOP) ends the whole launch within a bounded time instead of leaving it waiting forever;
+and training lets go of its DDP wrapper so the process group is freed before exit.
 
 Each test launches torchrun as a user would, in `tmp_path`, with bounded timeouts; the worker
 processes are found under torchrun's pid in /proc and are always reaped.
 """
 
+import functools
+import gc
 import json
 import math
 import os
@@ -24,10 +27,17 @@ import pytest
 import torch
 from conftest import REPO, SMALL, TORCHRUN, free_port, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.nn.parallel import DistributedDataParallel
 
+from largeml import distributed, losses
 from largeml.checkpoint import load_checkpoint
+from largeml.data import synthetic
 from largeml.data.batches import global_batches
 from largeml.data.shards import ShardWriter, open_shards
+from largeml.distributed import Processes
+from largeml.models import Linear
+from largeml.schedules import constant
+from largeml.trainer import Trainer
 
 # Environment torchrun and its workers must not inherit from whatever runs the tests.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -349,3 +359,42 @@ def test_hung_rank_fails_with_a_clear_error(tmp_path):
         assert not alive(ranks[1])
     finally:
         launch.cleanup()
+
+
+def _fit_and_count_wrappers(rank: int, port: int, run_dir: str, counts) -> None:
+    """One of 2 processes: trains, then reports how many DDP wrappers are still alive."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    trainer = Trainer(
+        model=Linear(5), loss_fn=losses.bce,
+        data=synthetic(n_samples=200, n_features=5, batch_size=40, rank=rank, world_size=2),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), scheduler=constant, l2=0.0,
+        run_dir=Path(run_dir), config={}, hparams={}, device="cpu", max_epochs=1,
+        dist_timeout=60, processes=Processes.from_env())
+    trainer.fit()
+    gc.collect()
+    counts.put((rank, sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())))
+    distributed.stop()
+
+
+def test_training_lets_go_of_ddp_before_the_process_group_is_destroyed(tmp_path):
+    """DDP holds the process group: a wrapper still alive at exit frees the group during
+    interpreter shutdown, where gloo's threads cannot take the GIL and abort the process
+    ("terminate called without an active exception", about 1 launch in 25 here). After `fit`
+    no wrapper may be left for `distributed.stop()` to miss."""
+    context = torch.multiprocessing.get_context("spawn")
+    counts = context.Queue()
+    port = free_port()
+    workers = [context.Process(target=_fit_and_count_wrappers,
+                               args=(rank, port, str(tmp_path), counts)) for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    try:
+        reported = dict(counts.get(timeout=120) for _ in workers)
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    assert reported == {0: 0, 1: 0}
+    assert [worker.exitcode for worker in workers] == [0, 0]
