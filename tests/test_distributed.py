@@ -7,7 +7,7 @@ over the processes is refused before training; and a rank that dies (SIGKILL) or
 (SIGSTOP) ends the whole launch within a bounded time instead of leaving it waiting forever;
 and training lets go of its DDP wrapper so the process group is freed before exit.
 
-Each test launches torchrun as a user would, in `tmp_path`, with bounded timeouts; the worker
+The torchrun tests launch it as a user would, in `tmp_path`, with bounded timeouts; the worker
 processes are found under torchrun's pid in /proc and are always reaped.
 """
 
