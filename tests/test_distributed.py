@@ -325,6 +325,30 @@ def test_dead_rank_ends_the_launch(tmp_path):
         launch.cleanup()
 
 
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """A preemption notice that reaches one process: every rank finishes its step, stops at the
+    same one, and rank 0 saves it and records why (rank 0 itself got no signal)."""
+    run_dir = tmp_path / "run"
+    launch = Launch(f"hydra.run.dir={run_dir}", *LONG, "trainer.dist_timeout=20", cwd=tmp_path)
+    try:
+        ranks = launch.wait_for_workers(2, timeout=60)
+        wait_until(lambda: list((run_dir / "checkpoints").glob("step-*.pt")), 120,
+                   "checkpoint", launch)
+        os.kill(ranks[1], signal.SIGTERM)
+        signalled = time.monotonic()
+        code = launch.wait(timeout=90)
+        took = time.monotonic() - signalled
+    finally:
+        launch.cleanup()
+    assert code != 0, launch.output()  # the workers exit 143, so torchrun reports a failure
+    assert took < 30, f"the ranks took {took:.0f} s to stop"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stopped"] == "SIGTERM", launch.output()
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["step"] == metrics["step"] < 400 * 250
+    assert "stopped by SIGTERM after step" in log_text(run_dir / "train.log")
+
+
 def test_hung_rank_fails_with_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
     timeout = 5
