@@ -153,13 +153,16 @@ def sum_(tensor: Tensor) -> Tensor:
 
 
 @_collective("all_reduce")
+def max_(tensor: Tensor) -> Tensor:
+    """The elementwise maximum of `tensor` over all ranks, in place."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def any_(flag: bool, device: torch.device) -> bool:
     """True on every rank when `flag` is true on any rank."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return bool(max_(torch.tensor([float(flag)], device=device)).item())
 
 
 @_collective("all_gather")
