@@ -99,6 +99,13 @@ def precision_of(config: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
+def score(model: nn.Module, x: Tensor, device: torch.device, precision: str) -> Tensor:
+    """The model's scores of the rows `x`, as float32 on the CPU."""
+    with autocast(precision, device):
+        return model(x.to(device)).float().cpu()
+
+
+@torch.no_grad()
 def scores_of(model: nn.Module, batches: ShardStream, device: torch.device,
               precision: str = "32") -> Iterator[tuple[Tensor, Tensor]]:
     """(scores, labels) of each batch, on the CPU, in file order, with a progress line."""
@@ -107,9 +114,7 @@ def scores_of(model: nn.Module, batches: ShardStream, device: torch.device,
     started, rows = time.perf_counter(), 0
     try:
         for done, (x, y) in enumerate(batches, 1):
-            with autocast(precision, device):
-                scores = model(x.to(device)).float().cpu()
-            yield scores, y
+            yield score(model, x, device, precision), y
             rows += len(y)
             progress.update(done, rows / max(time.perf_counter() - started, 1e-9))
     finally:

@@ -32,10 +32,11 @@ from largeml.evaluate import (
     model_width,
     precision_of,
     required,
+    score,
     scores_of,
     stream,
 )
-from largeml.trainer import autocast, resolve_device
+from largeml.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +71,7 @@ def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
         raise DataError(f"input: no such file or directory: {path}")
     if path.is_file() and resolve_format(path, cfg.format) == "npy":
         rows, batches = npy_batches(path, width, cfg.batch_size)
-
-        @torch.no_grad()
-        def scores() -> Iterator[Tensor]:
-            for x in batches:
-                with autocast(precision, device):
-                    scores = model(x.to(device)).float().cpu()
-                yield scores
-
-        return rows, scores()
+        return rows, (score(model, x, device, precision) for x in batches)
     label_column = cfg.label_column
     if label_column == "auto":  # a file to score often has no labels
         csv = path.is_file() and resolve_format(path, cfg.format) == "csv"
