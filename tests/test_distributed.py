@@ -184,6 +184,15 @@ def wait_until(condition, timeout: float, what: str, launch: Launch | None = Non
     return time.monotonic() - started
 
 
+def training(launch: Launch, run_dir: Path) -> dict[int, int]:
+    """Waits until both ranks run and have saved a first checkpoint; returns their pids."""
+    ranks = launch.wait_for_workers(2, timeout=60)
+    wait_until(lambda: list((run_dir / "checkpoints").glob("step-*.pt")), 120, "checkpoint",
+               launch)
+    assert launch.proc.poll() is None
+    return ranks
+
+
 def log_text(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
@@ -308,10 +317,7 @@ def test_dead_rank_ends_the_launch(tmp_path):
     run_dir = tmp_path / "run"
     launch = Launch(f"hydra.run.dir={run_dir}", *LONG, "trainer.dist_timeout=20", cwd=tmp_path)
     try:
-        ranks = launch.wait_for_workers(2, timeout=60)
-        wait_until(lambda: list((run_dir / "checkpoints").glob("step-*.pt")), 120,
-                   "checkpoint", launch)
-        assert launch.proc.poll() is None
+        ranks = training(launch, run_dir)
 
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.monotonic()
@@ -331,9 +337,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     run_dir = tmp_path / "run"
     launch = Launch(f"hydra.run.dir={run_dir}", *LONG, "trainer.dist_timeout=20", cwd=tmp_path)
     try:
-        ranks = launch.wait_for_workers(2, timeout=60)
-        wait_until(lambda: list((run_dir / "checkpoints").glob("step-*.pt")), 120,
-                   "checkpoint", launch)
+        ranks = training(launch, run_dir)
         os.kill(ranks[1], signal.SIGTERM)
         signalled = time.monotonic()
         code = launch.wait(timeout=90)
@@ -358,10 +362,7 @@ def test_hung_rank_fails_with_a_clear_error(tmp_path):
                     "trainer.checkpoint_every_n_steps=20", f"trainer.dist_timeout={timeout}",
                     cwd=tmp_path)
     try:
-        ranks = launch.wait_for_workers(2, timeout=60)
-        wait_until(lambda: list((run_dir / "checkpoints").glob("step-*.pt")), 120,
-                   "checkpoint", launch)
-        assert launch.proc.poll() is None
+        ranks = training(launch, run_dir)
 
         os.kill(ranks[1], signal.SIGSTOP)
         stopped = time.monotonic()
