@@ -7,8 +7,10 @@ from pathlib import Path
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from largeml.auto import is_auto
+from largeml.device import resolve_device
 from largeml.errors import ConfigError
-from largeml.trainer import BEST_METRICS, Trainer, resolve_device
+from largeml.trainer import BEST_METRICS, Trainer
 
 PRECISIONS = ("32", "bf16")
 
@@ -50,6 +52,8 @@ def validate(cfg: DictConfig) -> None:
         ("data", {"rank", "world_size"}),
         ("loss", {"scores", "targets"}),
     ):
+        if section in ("optimizer", "scheduler") and is_auto(cfg[section]):
+            continue  # chosen once the data is known (largeml.auto), then checked again
         try:
             target = get_object(cfg[section]._target_)
         except Exception as err:
@@ -65,7 +69,10 @@ def validate(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg.data, key):
             raise ConfigError(f"data.{key} is required: add data.{key}=... to the command")
 
-    _positive(cfg, "optimizer.lr")
+    _positive(cfg, "optimizer.lr", optional=is_auto(cfg.optimizer))
+    tol = cfg.trainer.get("tol")
+    if isinstance(tol, bool) or not isinstance(tol, int | float) or tol < 0:
+        raise ConfigError(f"trainer.tol must be a number >= 0 (0: no stopping rule), got {tol!r}")
     _positive(cfg, "data.batch_size", integer=True)
     _positive(cfg, "data.n_features", integer=True, optional=True)
     _positive(cfg, "trainer.max_epochs", integer=True)

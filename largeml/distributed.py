@@ -10,6 +10,7 @@ forever for a rank that died or hangs.
 import functools
 import gc
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,3 +207,36 @@ def from_main(obj):
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class SigtermAgreement:
+    """Whether any rank got SIGTERM, so that all ranks stop at the same step.
+
+    Under torchrun that takes an all-reduce, which costs about as much as a small step
+    (~280 µs between 2 CPU processes here), so the ranks ask about once every `every` seconds:
+    each proposes the steps it ran in that long at its last pace, and the smallest proposal,
+    the same on every rank, sets the next step to ask at. One process just reads its flag."""
+
+    def __init__(self, processes: Processes, device: torch.device, every: float = 1.0) -> None:
+        self.processes, self.device, self.every = processes, device, every
+        self.received = False  # set by the signal handler
+        self.reset(0)
+
+    def reset(self, step: int) -> None:
+        self.next_step, self.last = step, (step, time.perf_counter())
+
+    def anywhere(self, step: int) -> bool:
+        if not self.processes.distributed:
+            return self.received
+        if step < self.next_step:
+            return False
+        now = time.perf_counter()
+        last_step, last_time = self.last
+        pace = (step - last_step) / max(now - last_time, 1e-9)
+        steps = min(max(1, int(pace * self.every)), 10_000)
+        # One all-reduce (max) for both: any rank's flag, and minus the smallest proposal.
+        flag, fewest = max_(torch.tensor([float(self.received), -steps],
+                                         device=self.device)).tolist()
+        self.next_step = step - int(fewest)
+        self.last = (step, now)
+        return bool(flag)

@@ -2,8 +2,10 @@
 (`model=logreg` or `model=svm`) as plain numbers, for use without PyTorch.
 
 The keys are in `configs/export.yaml`. The file holds n_features + 1 values, the weights
-w_1 ... w_n then the bias b, so that score = x · w + b: a float32 `.npy`, or text with one value
-a line (9 significant digits, exact for float32) after `#` comment lines. A missing file, a
+w_1 ... w_n then the bias b, so that score = x · w + b on the raw features: a model trained
+with feature scaling (`data.scale`, x' = (x − shift)·mult) has it folded in (w = w'·mult,
+b = b' − Σ w·shift). A float32 `.npy`, or text with one value a line (9 significant digits,
+exact for float32) after `#` comment lines. A missing file, a
 model that is not linear or another extension stops with exit code 2.
 """
 
@@ -28,8 +30,9 @@ def linear_weights(checkpoint: str) -> np.ndarray:
     if not isinstance(model, Linear):
         raise ConfigError(f"checkpoint {checkpoint} holds a {config['model']['_target_']}; "
                           "export writes linear models only (model=logreg or model=svm)")
-    weight = model.linear.weight.detach()[0]
-    return np.append(weight.numpy(), model.linear.bias.detach().numpy()).astype(np.float32)
+    weight = model.linear.weight.detach()[0].double() * model.input.mult.double()
+    bias = model.linear.bias.detach().double() - (weight * model.input.shift.double()).sum()
+    return np.append(weight.numpy(), bias.numpy()).astype(np.float32)
 
 
 def run(cfg: DictConfig) -> tuple[int, Path]:

@@ -8,6 +8,7 @@ Every model takes either a dense float batch (rows, n_features) or a sparse CSR 
 `first_layer`. A sparse batch is never densified, so memory follows its non-zeros.
 """
 
+import warnings
 from collections.abc import Sequence
 from itertools import islice
 
@@ -63,6 +64,36 @@ def column_major(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+class Standardize(nn.Module):
+    """The feature map in front of every model: x' = (x − shift) · mult per feature, fitted once
+    from the training data (`largeml.data.scaling`) and saved in the state_dict, so evaluate,
+    predict and export apply exactly what training did. Starts as the identity. A sparse batch
+    keeps its sparsity: its shift must be zero (max-abs scaling), and only values are scaled."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(n_features))
+        self.register_buffer("mult", torch.ones(n_features))
+        self.register_buffer("active", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def set(self, shift: Tensor, mult: Tensor) -> None:
+        self.shift.copy_(shift)
+        self.mult.copy_(mult)
+        self.active.fill_(bool((shift != 0).any() or (mult != 1).any()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.active:
+            return x
+        if x.layout == torch.sparse_csr:
+            cols = x.col_indices()
+            with warnings.catch_warnings():  # PyTorch calls CSR "beta" at every build
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+                return torch.sparse_csr_tensor(x.crow_indices(), cols, x.values() * self.mult[cols],
+                                               size=x.shape, check_invariants=False)
+        return (x - self.shift) * self.mult
+
+
 class Linear(nn.Module):
     """score = x · w + b: logistic regression with `bce`, a linear soft-margin SVM with `hinge`.
 
@@ -72,12 +103,13 @@ class Linear(nn.Module):
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
+        self.input = Standardize(n_features)
         self.linear = nn.Linear(n_features, 1)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return first_layer(x, self.linear).squeeze(-1)
+        return first_layer(self.input(x), self.linear).squeeze(-1)
 
 
 class MLP(nn.Module):
@@ -104,10 +136,11 @@ class MLP(nn.Module):
             width = size
         layers.append(nn.Linear(width, 1))
         column_major(layers[0])
+        self.input = Standardize(n_features)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = first_layer(x, self.net[0])
+        x = first_layer(self.input(x), self.net[0])
         for layer in islice(self.net, 1, None):
             x = layer(x)
         return x.squeeze(-1)

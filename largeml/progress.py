@@ -62,3 +62,28 @@ class Progress:
 def _amount(n: float) -> str:
     """Whole counts as they are, fractional ones (MiB read) to one decimal."""
     return f"{n:,.1f}" if isinstance(n, float) else str(n)
+
+
+class Throughput:
+    """The training figures of one logging window: rows, steps, the time spent waiting for
+    batches, and the wall time less what `pause()` excluded (validation, checkpoints)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.rows = self.steps = 0
+        self.waited = self.paused = 0.0
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        return max(time.perf_counter() - self.started - self.paused, 1e-9)
+
+    def figures(self, rows: float) -> dict[str, float]:
+        """Throughput of `rows` (this window's rows over all processes), step time, data wait."""
+        seconds = self.seconds()
+        return {
+            "perf/samples_per_sec": rows / seconds,
+            "perf/step_time_ms": 1000 * seconds / max(self.steps, 1),
+            "perf/data_wait_fraction": min(1.0, self.waited / seconds),
+        }

@@ -116,7 +116,10 @@ def job_row(job_dir: Path, sweep_dir: Path, failures: dict[str, str]) -> dict[st
     except json.JSONDecodeError as err:
         metrics, status = {}, f"unreadable metrics.json: {err}"
     else:
-        status = f"stopped: {metrics['stopped']}" if "stopped" in metrics else "ok"
+        stopped = metrics.get("stopped")
+        status = ("ok" if stopped in (None, "converged") else
+                  "ok, not converged" if stopped in ("max_epochs", "max_steps") else
+                  f"stopped: {stopped}")
     failure = failures.get(os.path.abspath(job_dir))
     row.update({name: metrics.get(name, "") for name in METRICS})
     row["status"] = f"failed: {failure}" if failure else status

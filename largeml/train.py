@@ -19,9 +19,10 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from largeml import distributed
+from largeml import auto, distributed
 from largeml.config import l2_strength, validate
 from largeml.data.batches import check_batch_size
+from largeml.device import resolve_device
 from largeml.distributed import Processes, agreed, launch_id
 from largeml.errors import LargemlError
 from largeml.logger import flatten
@@ -89,6 +90,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     torch.manual_seed(cfg.seed)
     data = build(cfg.data, rank=processes.rank, world_size=processes.world_size)
     log.info("data: %s", data.description)
+    chosen = auto.resolve(cfg, data, resolve_device(cfg.trainer.device, processes.local_rank))
+    validate(cfg)  # what `auto` chose
     model = build(cfg.model, n_features=data.n_features)
     l2 = l2_strength(cfg.regularization, data.n_train)
 
@@ -96,7 +99,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     run_dir.mkdir(parents=True, exist_ok=True)
     if processes.main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    hparams = {**flatten(config), **(choices or {}), "regularization.lambda": l2}
+    hparams = {**flatten(config), **(choices or {}), "regularization.lambda": l2,
+               **{f"auto.{group}": choice for group, choice in chosen.items()}}
     trainer = Trainer(
         model=model,
         data=data,

@@ -12,7 +12,6 @@ takes the same ones; only rank 0 writes logs, metrics and checkpoints.
 
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,7 +27,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 import largeml
-from largeml import distributed
+from largeml import distributed, objective
 from largeml.checkpoint import (
     DamagedCheckpoint,
     link,
@@ -38,20 +37,24 @@ from largeml.checkpoint import (
     save_checkpoint,
     step_files,
 )
-from largeml.data import BatchDataset, DataModule
-from largeml.distributed import Processes
+from largeml.data import BatchDataset, DataModule, scaling
+from largeml.device import autocast, cpu_threads, resolve_device
+from largeml.distributed import Processes, SigtermAgreement
 from largeml.errors import ConfigError, LargemlError
 from largeml.logger import HParamValue, NoLogger, RunLogger
+from largeml.losses import smoothed
 from largeml.metrics import accuracy, roc_auc
 from largeml.models import penalised_weights
-from largeml.progress import Progress
+from largeml.progress import Progress, Throughput
+from largeml.solvers import is_full_batch
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
 BEST_METRICS = {"val/loss": "lowest", "val/accuracy": "highest", "val/auc": "highest"}
-SIGTERM_CHECK_SECONDS = 1.0  # under torchrun, how often the ranks ask each other about SIGTERM
+# Why a run ended, as `stopped` in metrics.json; only "converged" means the optimum was reached.
+STOP_REASONS = ("converged", "max_epochs", "max_steps", "early stopping", "SIGTERM")
 
 
 class Preempted(LargemlError):
@@ -60,26 +63,6 @@ class Preempted(LargemlError):
 
 class Diverged(LargemlError):
     """The loss became NaN or infinite; no checkpoint of the diverged model was written."""
-
-
-def autocast(precision: str | int, device: torch.device) -> AbstractContextManager:
-    """The arithmetic of `trainer.precision`: bf16 autocast, or plain float32 (32)."""
-    if str(precision) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """`auto` is CUDA when present, else CPU; asking for CUDA without one is an error. `auto`
-    and `cuda` mean `cuda:LOCAL_RANK`: one GPU per process under torchrun."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(
-            f"trainer.device={device} but PyTorch sees no CUDA device "
-            f"(torch {torch.__version__}); use trainer.device=auto or trainer.device=cpu"
-        )
-    return torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
 
 
 class Trainer:
@@ -96,8 +79,9 @@ class Trainer:
         hparams: Mapping[str, HParamValue],
         device: str = "auto",
         precision: str = "32",
-        max_epochs: int = 10,
+        max_epochs: int = 100,
         max_steps: int | None = None,
+        tol: float = 1e-4,
         val_every_n_steps: int | None = None,
         log_every_n_steps: int = 50,
         grad_clip_norm: float | None = None,
@@ -115,24 +99,36 @@ class Trainer:
         self.device = resolve_device(device, self.processes.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.penalised = penalised_weights(model)
+        self.module = model.to(self.device)  # the model itself: its state_dict is the checkpoint's
+        self.optimizer = optimizer(self.module.parameters())
+        # A full-batch solver (L-BFGS, Newton) takes one step per epoch over every training row,
+        # held in memory; its closure sums gradients over ranks itself, so it needs no DDP.
+        self.full_batch = is_full_batch(self.optimizer)
+        # Threads follow the work: a streamed linear model leaves a core to its reader thread;
+        # an MLP's step, or a full-batch solver (which reads its rows once), takes every core.
         self.num_threads = num_threads or cpu_threads(
-            data.reader_threads, self.processes.local_world_size)
+            data.reader_threads, self.processes.local_world_size,
+            compute_bound=len(self.penalised) > 1 or self.full_batch)
         torch.set_num_threads(self.num_threads)
         distributed.start(self.processes, self.device, dist_timeout)
-        self.module = model.to(self.device)  # the model itself: its state_dict is the checkpoint's
         self.model = self.module  # what the loop calls: under torchrun, wrapped in DDP
-        if self.processes.distributed:
+        if self.processes.distributed and not self.full_batch:
             with distributed.failures("broadcasting the initial weights"):
                 self.model = DistributedDataParallel(
                     self.module,
                     device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
         self.loss_fn = loss_fn
+        # What the solver minimises: the loss itself, or for a full-batch solver a twice
+        # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
+        self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
         self.l2 = l2
         self.run_dir = run_dir
         self.config = config
         self.hparams = hparams
         self.precision = str(precision)
+        self.tol = tol
         self.val_every_n_steps = val_every_n_steps
         self.log_every_n_steps = log_every_n_steps
         self.grad_clip_norm = grad_clip_norm
@@ -147,15 +143,16 @@ class Trainer:
         self.resume = resume
         self.checkpoints = run_dir / "checkpoints"
 
-        self.steps_per_epoch = math.ceil(len(data.train) / self.accumulate)
-        self.max_epochs = max_epochs
+        self.epoch_length = 1 if self.full_batch else len(data.train)  # in batches
+        self.steps_per_epoch = 1 if self.full_batch else math.ceil(len(data.train) / self.accumulate)
+        self.max_epochs, self.max_steps = max_epochs, max_steps
         self.total_steps = max_epochs * self.steps_per_epoch
         if max_steps is not None:
             self.total_steps = min(self.total_steps, max_steps)
-        self.penalised = penalised_weights(self.module)
-        self.optimizer = optimizer(self.module.parameters())
         self.scheduler = scheduler(self.optimizer, total_steps=self.total_steps, l2=l2)
         self.logger: RunLogger | NoLogger = NoLogger()
+        self.held: list[Batch] = []  # the training rows of a full-batch solver, on the device
+        self.closure: objective.FullBatch | None = None
 
         self.step = 0
         self.epoch = 0
@@ -163,21 +160,19 @@ class Trainer:
         self.best: float | None = None  # the best `best_metric` so far
         self.best_step = -1
         self.stale_validations = 0  # validations since `best` last improved
+        # The stopping rule's record: ‖∇f‖ at the start, and f at the last epoch's end.
+        self.grad_norm0: float | None = None
+        self.epoch_objective: float | None = None
+        self.solver_objective: float | None = None  # f of what the solver minimises, last seen
         self.stop_reason: str | None = None
-        self._sigterm = False
-        self._sigterm_check_step = 0  # the step at which the ranks next ask about SIGTERM
-        self._last_sigterm_check = (0, time.perf_counter())  # (step, time) of the last asking
-        self._saved: tuple[int, int, int, int] | None = None
+        self.sigterm = SigtermAgreement(self.processes, self.device)
+        self._saved: tuple[int, int, int, int, str | None] | None = None
         # Throughput counts the time in the loop, data loading included, but not the time spent
         # validating or checkpointing (`_paused`).
         self.train_seconds = 0.0
         self.rows_seen = 0
+        self.window = Throughput()
         self._window_loss = torch.zeros((), device=self.device)
-        self._window_rows = 0
-        self._window_steps = 0
-        self._window_waited = 0.0  # seconds spent waiting for the next batch
-        self._window_start = time.perf_counter()
-        self._window_paused = 0.0
         self._grad_norm: Tensor | None = None  # of the last step of a logging window
         self._progress = Progress(self.total_steps, enabled=self.processes.main)
         self._last_train: dict[str, float] = {}
@@ -187,12 +182,16 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Trains to `max_epochs` / `max_steps` (or early stopping), resuming first as `resume`
-        says. On SIGTERM: finishes the step, saves `last.pt` and raises `Preempted`."""
+        """Trains until the stopping rule (`tol`), the cap (`max_epochs` / `max_steps`) or early
+        stopping, resuming first as `resume` says. On SIGTERM: finishes the step, saves
+        `last.pt` and raises `Preempted`."""
         log.info(
-            "training on %s, %d CPU threads, process %d of %d: %d steps, %d per epoch, "
-            "%s precision", self.device, self.num_threads, self.processes.rank + 1,
-            self.processes.world_size, self.total_steps, self.steps_per_epoch, self.precision,
+            "training on %s, %d CPU threads, process %d of %d: %s, at most %d steps, %d per "
+            "epoch, %s precision, tol %g", self.device, self.num_threads,
+            self.processes.rank + 1, self.processes.world_size,
+            f"full-batch {type(self.optimizer).__name__}" if self.full_batch
+            else f"{type(self.optimizer).__name__} on batches", self.total_steps,
+            self.steps_per_epoch, self.precision, self.tol,
         )
         self._resume()
         if self.processes.main:  # resumed: TensorBoard hides what a killed run logged later
@@ -201,10 +200,20 @@ class Trainer:
         try:
             if self.data.resident:
                 self._load_resident()
-            self._window_start = time.perf_counter()
+            if self.step == 0 and self.grad_norm0 is None:
+                self._fit_scaling()
+            if self.full_batch:
+                self._hold_training_rows()
+            if self.grad_norm0 is None:  # f and ‖∇f‖ at the start, for the stopping rule
+                with self._paused():
+                    start = self._objective()
+                self.epoch_objective = self.solver_objective
+                self.logger.log(start, self.step)
+                log.info("start: %s", _format(start))
+            self.window.reset()
             with distributed.failures("training (DDP's gradient all-reduce)"):
                 self._train()
-            if self._window_rows:
+            if self.window.rows:
                 self._log_train()
             if self.stop_reason == "SIGTERM":
                 self.save_checkpoint()
@@ -226,72 +235,88 @@ class Trainer:
         return final
 
     def _train(self) -> None:
-        train = self.data.train
         self._progress.start(self.step)
-        self._sigterm_check_step, self._last_sigterm_check = self.step, (self.step,
-                                                                         time.perf_counter())
+        self.sigterm.reset(self.step)
         while self.step < self.total_steps and self.stop_reason is None:
-            train.set_epoch(self.epoch, self.batch_in_epoch)
-            for batches in _timed(_groups(self._loader(train), self.accumulate), self._waited):
+            for batches in _timed(self._epoch_groups(), self._waited):
                 logging_step = (self.step + 1) % self.log_every_n_steps == 0
                 self._window_loss += self.train_step(batches, grad_norm=logging_step)
-                self._window_rows += sum(len(y) for _, y in batches)
-                self._window_steps += 1
+                self.window.rows += sum(len(y) for _, y in batches)
+                self.window.steps += 1
                 self._progress.update(self.step, self._last_train.get("perf/samples_per_sec"))
                 if logging_step:
                     self._log_train()
-                if self._sigterm_anywhere():
+                if self.sigterm.anywhere(self.step):
                     self.stop_reason = "SIGTERM"
                     return
                 if self.val_every_n_steps and self.step % self.val_every_n_steps == 0:
-                    self.validate()
+                    self._judge(self.validate())
                 if self.stop_reason or (
                     self.checkpoint_every_n_steps and self.step % self.checkpoint_every_n_steps == 0
                 ):
                     self.save_checkpoint()
                 if self.step >= self.total_steps or self.stop_reason:
                     break
-            if self.batch_in_epoch >= len(train):
+            end_of_epoch = self.batch_in_epoch >= self.epoch_length
+            if end_of_epoch:
                 self.epoch += 1
                 self.batch_in_epoch = 0
-            self.validate()
+            metrics = self.validate()
+            self._judge(metrics)
+            if end_of_epoch:
+                self._check_convergence(metrics)
             self.save_checkpoint()
+        if self.stop_reason is None:  # the cap
+            self.stop_reason = ("max_steps" if self.max_steps is not None
+                                and self.step >= self.max_steps else "max_epochs")
+            log.warning("did not converge: stopped by trainer.%s after %d steps (%d epochs)%s; "
+                        "raise it, or loosen trainer.tol (%g)", self.stop_reason, self.step,
+                        self.epoch, self._convergence_text(), self.tol)
+            self.save_checkpoint()
+
+    def _epoch_groups(self) -> Iterator[list[Batch]]:
+        """The groups of batches of the rest of this epoch, one optimizer step each."""
+        if self.full_batch:
+            return iter([self.held] if self.batch_in_epoch == 0 else [])
+        self.data.train.set_epoch(self.epoch, self.batch_in_epoch)
+        return _groups(self._loader(self.data.train), self.accumulate)
 
     def train_step(self, batches: list[Batch], grad_norm: bool = False) -> Tensor:
         """One optimizer step on mean loss + λ/2·‖w‖² over all rows of `batches` (gradient
-        accumulation: the same update as one batch of all those rows). Returns the summed
-        per-row loss, detached. With `grad_norm`, keeps the gradient's global L2 norm (before
-        clipping) for the log."""
+        accumulation: the same update as one batch of all those rows), or for a full-batch
+        solver one step of it over the held training rows. Returns the summed per-row loss,
+        detached. With `grad_norm`, keeps the gradient's global L2 norm (before clipping) for
+        the log."""
         self.model.train()
-        rows = sum(len(y) for _, y in batches)
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            # Under DDP, gradients are averaged over ranks once, on the group's last batch.
-            last = i == len(batches) - 1
-            with nullcontext() if last else self._no_sync():
-                with self._autocast():
-                    scores = self.model(x)
-                losses = self.loss_fn(scores.float(), y)
-                (losses.sum() / rows).backward()
-            total += losses.detach().sum()
-        if self.l2 > 0:
-            # The gradient of λ/2·‖w‖² is λ·w. Added directly it costs one op per weight
-            # matrix; through autograd it took a quarter of a small model's step.
-            for w in self.penalised:
-                w.grad.add_(w.detach(), alpha=self.l2)
-        if self.grad_clip_norm:
+        if self.full_batch:
+            self.optimizer.step(self.closure)
+            total = self.closure.loss_sum
+            self.batch_in_epoch += 1
+        else:
+            rows = sum(len(y) for _, y in batches)
+            total = torch.zeros((), device=self.device)
+            for i, (x, y) in enumerate(batches):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                # Under DDP, gradients are averaged over ranks once, on the group's last batch.
+                last = i == len(batches) - 1
+                with nullcontext() if last else self._no_sync():
+                    losses = objective.backward_rows(self.model, self.loss_fn, x, y, rows,
+                                                     self._autocast())
+                total += losses.sum()
+            objective.add_penalty_gradient(self.penalised, self.l2)
+            self.batch_in_epoch += len(batches)
+        if self.grad_clip_norm and not self.full_batch:
             self._grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
                                                        self.grad_clip_norm)
         elif grad_norm:
             self._grad_norm = nn.utils.get_total_norm(
                 [p.grad for p in self.module.parameters() if p.grad is not None])
-        self.optimizer.step()
+        if not self.full_batch:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.batch_in_epoch += len(batches)
         return total
 
     def _metrics(self, s: Tensor, t: Tensor) -> dict[str, float]:
@@ -316,18 +341,55 @@ class Trainer:
                 distributed.gather_rows(torch.cat(targets)))
 
     def validate(self) -> dict[str, float]:
-        if self.data.val is None or self._last_val_step == self.step:
+        """The metrics of this step: the training objective f over every training row
+        (`train/objective`, and ‖∇f‖ relative to its start, `train/grad_norm_rel`) and, where
+        there are validation rows, `val/loss`, `val/accuracy`, `val/auc`. Logged, and kept for
+        metrics.json; the loop decides what follows from them."""
+        if self._last_val_step == self.step:
             return self._last_val
         with self._paused():
-            scores, targets = self.scores(self.data.val)
-            metrics = {f"val/{k}": v for k, v in self._metrics(scores, targets).items()}
-            # Any increasing map of the scores gives the same curve; the sigmoid puts a logit
-            # or a margin in [0, 1], as TensorBoard wants.
-            self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores), self.step)
+            metrics = self._objective()
+            if self.data.val is not None:
+                scores, targets = self.scores(self.data.val)
+                metrics.update({f"val/{k}": v for k, v in self._metrics(scores, targets).items()})
+                # Any increasing map of the scores gives the same curve; the sigmoid puts a
+                # logit or a margin in [0, 1], as TensorBoard wants.
+                self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores), self.step)
             self.logger.histograms(self.module, self.step)
         self._last_val, self._last_val_step = metrics, self.step
-        if not math.isfinite(metrics["val/loss"]):
+        self.logger.log(metrics, self.step)
+        self.logger.write_metrics(self._final_metrics(metrics))
+        log.info("step %d epoch %d: %s", self.step, self.epoch, _format(metrics))
+        return metrics
+
+    def _objective(self) -> dict[str, float]:
+        """f (the documented loss) and the relative gradient norm of what the solver minimises,
+        over all training rows: from the held rows of a full-batch solver, else one more pass
+        over the training set (forward and backward, without updating anything)."""
+        rows = self.held or self._loader(self.data.train_eval)
+        device = None if self.held else self.device
+
+        def f_and_gradient(loss_fn: LossFn, gradient: bool) -> tuple[float, float | None]:
+            return objective.value(self.module, loss_fn, rows, self.l2, self.data.n_train,
+                                   gradient=gradient, reduce=distributed.sum_, device=device)
+
+        f, g = f_and_gradient(self.loss_fn, gradient=self.solver_loss_fn is self.loss_fn)
+        self.solver_objective = f
+        if g is None:  # a smoothed hinge: f is the hinge's, convergence is judged on its twin
+            self.solver_objective, g = f_and_gradient(self.solver_loss_fn, gradient=True)
+        if not math.isfinite(f):
+            raise self._diverged(f"training objective is {f}")
+        if self.grad_norm0 is None:
+            self.grad_norm0 = g
+        return {"train/objective": f, "train/grad_norm_rel": g / max(self.grad_norm0, 1e-30)}
+
+    def _judge(self, metrics: Mapping[str, float]) -> None:
+        """What a validation means: divergence, a new best (saved at once: best.pt must hold
+        this very step), early stopping."""
+        if "val/loss" in metrics and not math.isfinite(metrics["val/loss"]):
             raise self._diverged(f"validation loss is {metrics['val/loss']}")
+        if self.best_metric not in metrics:
+            return
         value = metrics[self.best_metric]
         lowest = BEST_METRICS[self.best_metric] == "lowest"
         if self.best is None or (value < self.best if lowest else value > self.best):
@@ -339,12 +401,36 @@ class Trainer:
                 self.stop_reason = "early stopping"
                 log.info("early stopping: %s has not improved on %.6g (step %d) in %d validations",
                          self.best_metric, self.best, self.best_step, self.stale_validations)
-        self.logger.log(metrics, self.step)
-        self.logger.write_metrics(self._final_metrics(metrics))
-        log.info("step %d epoch %d: %s", self.step, self.epoch, _format(metrics))
         if self.best_step == self.step and self.step > 0:
-            self.save_checkpoint()  # best.pt must hold this very step
-        return metrics
+            self.save_checkpoint()
+
+    def _check_convergence(self, metrics: Mapping[str, float]) -> None:
+        """The stopping rule, at the end of each epoch: a full-batch solver has converged when
+        ‖∇f‖ has fallen below `tol` times its start, or when an iteration no longer lowers f at
+        all (the arithmetic's limit); a streaming optimizer when f fell by less than `tol`,
+        relatively, over the epoch. `tol=0` never stops. f is what the solver minimises."""
+        f, previous = self.solver_objective, self.epoch_objective
+        self.epoch_objective = f
+        if self.tol <= 0 or self.stop_reason is not None:
+            return
+        decrease = None if previous is None else (previous - f) / max(abs(f), 1e-30)
+        if self.full_batch:
+            converged = metrics["train/grad_norm_rel"] <= self.tol or (
+                decrease is not None and decrease <= 0)
+        else:
+            converged = decrease is not None and decrease < self.tol
+        if converged:
+            self.stop_reason = "converged"
+            log.info("converged after %d epochs (%d steps)%s, trainer.tol=%g", self.epoch,
+                     self.step, self._convergence_text(decrease), self.tol)
+
+    def _convergence_text(self, decrease: float | None = None) -> str:
+        last = self._last_val
+        if "train/objective" not in last:
+            return ""
+        text = (f": objective {last['train/objective']:.8g}, gradient norm "
+                f"{last['train/grad_norm_rel']:.3g} of its start")
+        return text if decrease is None else f"{text}, relative decrease {decrease:.3g}"
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes `step-N.pt`, points `last.pt` (and `best.pt` when this step is the best)
@@ -362,10 +448,11 @@ class Trainer:
                 self._write_checkpoint(rng)
         self._saved = self._position()
 
-    def _position(self) -> tuple[int, int, int, int]:
+    def _position(self) -> tuple[int, int, int, int, str | None]:
         """What a checkpoint records beyond the step: saving again is needed when it changes
-        (an epoch's last step is saved by step count, then again once the epoch is counted)."""
-        return self.step, self.epoch, self.batch_in_epoch, self.best_step
+        (an epoch's last step is saved by step count, then again once the epoch is counted, and
+        again once the run knows why it stopped)."""
+        return self.step, self.epoch, self.batch_in_epoch, self.best_step, self.stop_reason
 
     def _write_checkpoint(self, rng: list[dict[str, Tensor]]) -> None:
         state = {
@@ -378,6 +465,8 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "best": {"metric": self.best_metric, "value": self.best, "step": self.best_step,
                      "stale_validations": self.stale_validations},
+            "convergence": {"grad_norm0": self.grad_norm0, "epoch_objective": self.epoch_objective,
+                            "stop_reason": self.stop_reason},
             "rng": rng,  # one entry per rank
             "progress": {"rows_seen": self.rows_seen, "train_seconds": self.train_seconds,
                          "last_train": self._last_train, "last_val": self._last_val,
@@ -434,6 +523,11 @@ class Trainer:
         self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
         self._last_train, self._last_val = progress["last_train"], progress["last_val"]
         self._last_val_step = progress["last_val_step"]
+        convergence = state["convergence"]
+        self.grad_norm0 = convergence["grad_norm0"]
+        self.epoch_objective = convergence["epoch_objective"]
+        if convergence["stop_reason"] in ("converged", "early stopping"):
+            self.stop_reason = convergence["stop_reason"]  # done: a rerun trains no further
         self._saved = self._position()
         rng = state["rng"]
         if len(rng) == self.processes.world_size:
@@ -467,34 +561,37 @@ class Trainer:
         log.info("data resident on %s, loaded in %.1f s", self.device,
                  time.perf_counter() - started)
 
+    def _fit_scaling(self) -> None:
+        """Fits `data.scale` on the training rows (one pass) into the model's input map."""
+        if getattr(self.module, "input", None) is None:
+            if self.data.scale not in ("none", "auto"):
+                raise ConfigError(f"data.scale={self.data.scale}: this model has no input map")
+            return
+        with self._paused():
+            fitted = scaling.fit(self.data.scale, self._loader(self.data.train_eval),
+                                 self.data.n_features, self.data.sparse, distributed.sum_,
+                                 distributed.max_, self.device)
+        self.module.input.set(fitted.shift.to(self.device), fitted.mult.to(self.device))
+        log.info("feature scaling: %s (%s)", fitted.kind, fitted.why)
+
+    def _hold_training_rows(self) -> None:
+        """Reads this rank's share of the training rows once onto the device, for the full-batch
+        solver's closure; a held batch is never reused by the reader (it counts references)."""
+        started = time.perf_counter()
+        self.held = [(x.to(self.device), y.to(self.device))
+                     for x, y in self._loader(self.data.train_eval)]
+        self.closure = objective.FullBatch(
+            self.module, self.solver_loss_fn, self.held, self.l2, self.data.n_train,
+            reduce=distributed.sum_, second_order=getattr(self.optimizer, "second_order", False))
+        log.info("full batch: %d training rows held on %s in %.1f s", sum(len(y) for _, y in
+                 self.held), self.device, time.perf_counter() - started)
+
     def _no_sync(self):
         return self.model.no_sync() if self.processes.distributed else nullcontext()
 
     def _on_sigterm(self, signum, frame) -> None:
         log.warning("SIGTERM: stopping after this step and saving a checkpoint")
-        self._sigterm = True
-
-    def _sigterm_anywhere(self) -> bool:
-        """Whether any rank got SIGTERM: all ranks stop at the same step.
-
-        Under torchrun that takes an all-reduce, which costs about as much as a small step
-        (~280 µs between 2 CPU processes here), so the ranks ask about once every
-        `SIGTERM_CHECK_SECONDS`: each proposes the steps it ran in that long at its last pace,
-        and the smallest proposal, the same on every rank, sets the next step to ask at."""
-        if not self.processes.distributed:
-            return self._sigterm
-        if self.step < self._sigterm_check_step:
-            return False
-        now = time.perf_counter()
-        last_step, last_time = self._last_sigterm_check
-        pace = (self.step - last_step) / max(now - last_time, 1e-9)
-        steps = min(max(1, int(pace * SIGTERM_CHECK_SECONDS)), 10_000)
-        # One all-reduce (max) for both: any rank's flag, and minus the smallest proposal.
-        flag, fewest = distributed.max_(
-            torch.tensor([float(self._sigterm), -steps], device=self.device)).tolist()
-        self._sigterm_check_step = self.step - int(fewest)
-        self._last_sigterm_check = (self.step, now)
-        return bool(flag)
+        self.sigterm.received = True
 
     def _autocast(self) -> AbstractContextManager:
         return autocast(self.precision, self.device)
@@ -506,7 +603,7 @@ class Trainer:
         self._synchronize()
         started = time.perf_counter()
         yield
-        self._window_paused += time.perf_counter() - started
+        self.window.paused += time.perf_counter() - started
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -515,29 +612,26 @@ class Trainer:
     def _log_train(self) -> None:
         # Summed over ranks: the loss over all rows of the window, and all ranks' rows.
         window = torch.stack([self._window_loss.float(),
-                              torch.tensor(float(self._window_rows), device=self.device)])
+                              torch.tensor(float(self.window.rows), device=self.device)])
         loss_sum, rows = distributed.sum_(window).tolist()  # .tolist() waits for the device
-        seconds = max(time.perf_counter() - self._window_start - self._window_paused, 1e-9)
         if not math.isfinite(loss_sum):
             raise self._diverged(f"training loss is {loss_sum}")
+        figures = self.window.figures(rows)
         self.rows_seen += int(rows)
-        self.train_seconds += seconds
+        self.train_seconds += self.window.seconds()
         self._last_train = {
             "train/loss": loss_sum / rows,
             "train/lr": self.optimizer.param_groups[0]["lr"],
             **({} if self._grad_norm is None else {"train/grad_norm": self._grad_norm.item()}),
-            "perf/samples_per_sec": rows / seconds,
-            "perf/step_time_ms": 1000 * seconds / max(self._window_steps, 1),
-            "perf/data_wait_fraction": min(1.0, self._window_waited / seconds),
+            **figures,
         }
         self.logger.log(self._last_train, self.step)
         self._window_loss.zero_()
-        self._window_rows = self._window_steps = 0
-        self._window_waited, self._grad_norm = 0.0, None
-        self._window_start, self._window_paused = time.perf_counter(), 0.0
+        self._grad_norm = None
+        self.window.reset()
 
     def _waited(self, seconds: float) -> None:
-        self._window_waited += seconds
+        self.window.waited += seconds
 
     def _diverged(self, what: str) -> "Diverged":
         # Diverged states are never saved, so the newest step file holds the last good model.
@@ -561,16 +655,9 @@ class Trainer:
             "epoch": self.epoch,
             "cpu_threads": self.num_threads,
             "processes": self.processes.world_size,
-            **({"stopped": self.stop_reason} if self.stop_reason else {}),
+            **({"stopped": self.stop_reason, "converged": self.stop_reason == "converged"}
+               if self.stop_reason else {}),
         }
-
-
-def cpu_threads(reader_threads: int = 0, local_processes: int = 1) -> int:
-    """Torch's intra-op threads: this process's share of the cores it may run on (cores / the
-    processes torchrun started on this machine), less one per thread that reads data ahead (on
-    2 cores, two compute threads plus a reader thread ran the streaming benchmark 1.5x slower
-    than one compute thread plus the reader)."""
-    return max(1, len(os.sched_getaffinity(0)) // local_processes - reader_threads)
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
@@ -611,4 +698,5 @@ def _groups(batches: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
 
 
 def _format(metrics: Mapping[str, float]) -> str:
-    return ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in metrics.items())

@@ -23,9 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 _SCRIPT = Path(sys.executable).with_name("torchrun")
 TORCHRUN = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "torch.distributed.run"]
 
+# Mini-batch SGD for a fixed number of epochs (no stopping rule), as tests of the loop's
+# mechanics (steps, checkpoints, resume, logging) need; the defaults (`auto`) are tested on
+# their own in test_convergence.py.
+STREAMING = ["optimizer=sgd", "trainer.tol=0"]
 # Shrinks a run to seconds: a small synthetic set and two short epochs.
 SMALL = ["data.n_samples=3000", "data.n_features=20", "trainer.max_epochs=2",
-         "trainer.log_every_n_steps=5"]
+         "trainer.log_every_n_steps=5", *STREAMING]
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, TORCHRUN, free_port, run_cli
+from conftest import REPO, SMALL, STREAMING, TORCHRUN, free_port, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn.parallel import DistributedDataParallel
 
@@ -45,7 +45,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 DIST_ERROR = "another rank died, hangs, or cannot be reached"
 # A run far longer than any test waits: 250 steps an epoch for 400 epochs.
 LONG = ["data.n_samples=80000", "data.n_features=20", "trainer.max_epochs=400",
-        "trainer.log_every_n_steps=50"]
+        "trainer.log_every_n_steps=50", *STREAMING]
 
 
 def torchrun_args(*args: str, nproc: int = 2, rdzv_id: str | None = None) -> list[str]:
@@ -269,6 +269,31 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, model):
         two_metrics["val/accuracy"] * 601, abs=1e-3)  # a whole number of the 601 rows
 
 
+@pytest.mark.parametrize("model", ["logreg", "svm"])
+def test_two_processes_solve_the_same_full_batch_problem_as_one(tmp_path, model):
+    """The default solver (full-batch Newton) under torchrun: each rank holds its share of the
+    rows, f, gradients and Hessians are summed over ranks, so 2 processes take the same Newton
+    steps as one and stop at the same epoch."""
+    overrides = ["data.n_samples=3003", "data.n_features=20", f"model={model}"]
+    one = run_cli(f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path, timeout=180)
+    assert one.returncode == 0, one.stderr + one.stdout
+    code, output = run_torchrun(f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
+    assert code == 0, output
+    assert "full-batch Newton" in log_text(tmp_path / "two" / "train.log")
+
+    single = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    double = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert double["step"] == single["step"]
+    for name, tensor in single["model"].items():
+        torch.testing.assert_close(double["model"][name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert one_metrics["stopped"] == two_metrics["stopped"] == "converged"
+    assert two_metrics["train/objective"] == pytest.approx(one_metrics["train/objective"],
+                                                           rel=1e-6)
+
+
 def write_shards(root: Path, sizes: list[int], features: int, seed: int) -> Path:
     """Dense shards of exactly `sizes` rows: each write is flushed as its own shard."""
     rng = np.random.default_rng(seed)
@@ -290,7 +315,7 @@ def test_uneven_shards_finish(tmp_path):
     code, output = run_torchrun(
         f"hydra.run.dir={run_dir}", "data=files", f"data.train_path={train}",
         f"data.val_path={val}", f"data.batch_size={batch}", "trainer.max_epochs=2",
-        "trainer.log_every_n_steps=5", cwd=tmp_path, timeout=180)
+        "trainer.log_every_n_steps=5", *STREAMING, cwd=tmp_path, timeout=180)
     assert code == 0, output
 
     metrics = json.loads((run_dir / "metrics.json").read_text())

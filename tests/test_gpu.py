@@ -7,8 +7,9 @@ import torch
 from conftest import SMALL, run_cli, write_dense_shards
 
 from largeml.checkpoint import load_checkpoint
+from largeml.device import resolve_device
 from largeml.train import run
-from largeml.trainer import Trainer, resolve_device
+from largeml.trainer import Trainer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,15 +50,51 @@ def test_resident_data_trains_from_gpu_memory(compose_config, tmp_path, monkeypa
     devices = set()
     train_step = Trainer.train_step
 
-    def recording_step(self, batches):
+    def recording_step(self, batches, **kwargs):
         devices.update(t.device.type for batch in batches for t in batch)
-        return train_step(self, batches)
+        return train_step(self, batches, **kwargs)
 
     monkeypatch.setattr(Trainer, "train_step", recording_step)
     cfg = compose_config("data=files", f"data.train_path={data}", f"data.val_path={data}",
                          "data.batch_size=64", "data.resident=true", "trainer.device=cuda",
-                         "trainer.max_epochs=2")
+                         "trainer.max_epochs=2", "optimizer=sgd", "trainer.tol=0")
     metrics = run(cfg, tmp_path / "run")
     assert "data resident on cuda" in caplog.text
     assert devices == {"cuda"}
     assert metrics["val/accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("model", ["logreg", "svm"])
+def test_full_batch_newton_on_gpu_equals_cpu(compose_config, tmp_path, model, caplog):
+    """The default solver with its training rows held in GPU memory: the same optimum as on
+    the CPU (the same objective to 1e-6), and every row it trains on is on the GPU."""
+    caplog.set_level("INFO")
+    metrics = {}
+    for device in ("cuda", "cpu"):
+        cfg = compose_config("data.n_samples=20000", "data.n_features=30", f"model={model}",
+                             f"trainer.device={device}")
+        metrics[device] = run(cfg, tmp_path / device)
+    assert "training rows held on cuda" in caplog.text
+    assert metrics["cuda"]["stopped"] == "converged"
+    assert metrics["cuda"]["train/objective"] == pytest.approx(
+        metrics["cpu"]["train/objective"], rel=1e-6)
+
+
+def test_sparse_full_batch_on_gpu(tmp_path):
+    """LIBSVM (sparse CSR batches) through Newton's CG path on the GPU."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for _ in range(3000):
+        cols = np.sort(rng.choice(5000, size=20, replace=False))
+        label = 1 if cols[0] < 2500 else -1
+        lines.append(f"{label} " + " ".join(f"{c + 1}:{rng.random():.4f}" for c in cols))
+    (tmp_path / "train.svm").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    result = run_cli(f"hydra.run.dir={run_dir}", "data=libsvm",
+                     f"data.train_path={tmp_path / 'train.svm'}", "trainer.device=cuda",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["stopped"] == "converged"

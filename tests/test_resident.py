@@ -99,7 +99,8 @@ def test_resident_run_trains_exactly_like_streaming(compose_config, tmp_path, de
         cfg = compose_config("data=files", f"data.train_path={dense}", f"data.val_path={dense}",
                              "data.batch_size=32", "data.shuffle_blocks=4",
                              f"data.resident={resident}", "trainer.max_epochs=2",
-                             "trainer.device=cpu", "trainer.num_threads=1")
+                             "trainer.device=cpu", "trainer.num_threads=1", "optimizer=sgd",
+                             "trainer.tol=0")
         metrics = run(cfg, run_dir)
         return metrics, load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, TORCHRUN, free_port, write_dense_shards
+from conftest import REPO, STREAMING, TORCHRUN, free_port, write_dense_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import (
@@ -51,18 +51,18 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
 # Long enough (a second or more of training) to be killed mid-run. Checkpoints every 7 steps,
 # which divides no epoch's step count, so a resume usually lands mid-epoch.
 LONG = ["data.n_samples=6000", "data.n_features=20", "data.batch_size=16", "trainer.max_epochs=3",
-        "trainer.checkpoint_every_n_steps=7", "trainer.log_every_n_steps=50"]
+        "trainer.checkpoint_every_n_steps=7", "trainer.log_every_n_steps=50", *STREAMING]
 CASES = {
     "synthetic": LONG,  # 4800 training rows: 300 steps an epoch, 900 in all
     "shards": ["data=files", "data.train_path={shards}", "data.batch_size=32",
                "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=7",
-               "trainer.log_every_n_steps=50"],  # 8000 rows: 250 steps an epoch
+               "trainer.log_every_n_steps=50", *STREAMING],  # 8000 rows: 250 steps an epoch
     "mlp-dropout": [*LONG, "model=mlp", "model.hidden_sizes=[16]", "model.dropout=0.2"],
 }
 # Short: 10 steps an epoch, 20 in all; step files at 3, 6, 9, 10, 12, 15, 18, 20 (15, 18 and 20
 # kept).
 SHORT = ["data.n_samples=3000", "data.n_features=20", "trainer.max_epochs=2",
-         "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=5"]
+         "trainer.checkpoint_every_n_steps=3", "trainer.log_every_n_steps=5", *STREAMING]
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_finishes(tmp_path, rng, ca
                                load_checkpoint(expected_dir / "checkpoints" / "last.pt"))
     metrics = metrics_of(run_dir)
     assert metrics["step"] == total
-    assert "stopped" not in metrics
+    assert metrics["stopped"] == "max_epochs"  # the cap, as uninterrupted: SIGTERM is history
 
 
 # -- 3. damaged checkpoints ------------------------------------------------------------------
@@ -520,7 +520,8 @@ def test_best_checkpoint_follows_the_logged_metric(tmp_path):
     # 10 steps an epoch; validation every 3 steps and at each epoch end, checkpoints every 5
     # steps (so also at every epoch's last step, saved again once the epoch is counted).
     result = train(run_dir, ["data.n_samples=3000", "data.n_features=20", "data.noise=1.0",
-                             "optimizer.lr=0.02", "trainer.max_epochs=5",
+                             "optimizer=sgd", "optimizer.lr=0.02", "trainer.tol=0",
+                             "trainer.max_epochs=5",
                              "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=5",
                              "trainer.keep_checkpoints=2", "trainer.best_metric=val/accuracy"])
     assert result.returncode == 0, result.stdout
@@ -548,7 +549,7 @@ def test_best_checkpoint_follows_the_logged_metric(tmp_path):
 # time.
 TORCHRUN_OVERRIDES = ["data.n_samples=4000", "data.n_features=20", "data.batch_size=32",
                       "trainer.max_epochs=2", "trainer.checkpoint_every_n_steps=7",
-                      "trainer.log_every_n_steps=50", "trainer.dist_timeout=60"]
+                      "trainer.log_every_n_steps=50", "trainer.dist_timeout=60", *STREAMING]
 TORCHRUN_TIMEOUT = 200  # seconds for a whole launch: two attempts at most
 
 

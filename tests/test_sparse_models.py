@@ -97,6 +97,7 @@ def test_mlp_state_dict_keeps_nn_linear_shapes() -> None:
     model = MLP(50, hidden_sizes=(16, 8))
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert shapes == {
+        "input.shift": (50,), "input.mult": (50,), "input.active": (),  # the feature map
         "net.0.weight": (16, 50), "net.0.bias": (16,),
         "net.2.weight": (8, 16), "net.2.bias": (8,),
         "net.4.weight": (1, 8), "net.4.bias": (1,),

@@ -128,3 +128,9 @@ class DataModule:
     # Validation accuracy of a known reference classifier, where there is one (the true
     # hyperplane of synthetic data): what a well-trained model should come close to.
     reference_accuracy: float | None = None
+    # This rank's share of the training rows in file order, unshuffled: what the training
+    # objective is computed over, feature scaling is fitted on and a full-batch solver holds.
+    train_eval: BatchDataset | None = None
+    held_bytes: int = 0  # what all training rows take in memory (the full-batch solvers' need)
+    sparse: bool = False
+    scale: str = "auto"  # data.scale: auto | standard | maxabs | none (largeml.data.scaling)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from largeml.data import scaling
 from largeml.data.batches import DataModule, InMemoryBatches, eval_share
 from largeml.data.libsvm import read_libsvm
 from largeml.data.resident import ResidentStream
@@ -46,19 +47,26 @@ def _module(
     description: str,
     rank: int,
     world_size: int,
+    scale: str = "auto",
 ) -> DataModule:
     if batch_size < 1:
         raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
-    if val is not None:  # each rank evaluates its own share of the rows
-        lo, hi = eval_share(len(val[1]), rank, world_size)
-        val = val[0][lo:hi], val[1][lo:hi]
+    scaling.check(scale, sparse=False)
+
+    def share(rows: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        lo, hi = eval_share(len(rows[1]), rank, world_size)  # each rank its own rows
+        return rows[0][lo:hi], rows[1][lo:hi]
+
     return DataModule(
         train=InMemoryBatches(*train, batch_size=batch_size, shuffle=True, seed=seed,
                               rank=rank, world_size=world_size),
-        val=None if val is None else InMemoryBatches(*val, EVAL_BATCH_SIZE, shuffle=False),
+        val=None if val is None else InMemoryBatches(*share(val), EVAL_BATCH_SIZE, shuffle=False),
         n_features=train[0].shape[1],
         description=description,
         n_train=len(train[1]),
+        train_eval=InMemoryBatches(*share(train), EVAL_BATCH_SIZE, shuffle=False),
+        held_bytes=train[0].numel() * 4 + len(train[1]) * 4,
+        scale=scale,
     )
 
 
@@ -81,6 +89,7 @@ def synthetic(
     val_fraction: float = 0.2,
     seed: int = 0,
     batch_size: int = 256,
+    scale: str = "auto",
     rank: int = 0,
     world_size: int = 1,
 ) -> DataModule:
@@ -107,7 +116,7 @@ def synthetic(
         f"synthetic: {n_samples} rows x {n_features} features, noise {noise}; "
         f"best possible accuracy {bayes:.4f}"
     )
-    module = _module(train, val, batch_size, seed, description, rank, world_size)
+    module = _module(train, val, batch_size, seed, description, rank, world_size, scale)
     if val is not None:
         module.reference_accuracy = ((val[0] @ w > 0).float() == val[1]).float().mean().item()
         module.description += f", {module.reference_accuracy:.4f} on these validation rows"
@@ -121,6 +130,7 @@ def libsvm(
     val_fraction: float = 0.1,
     seed: int = 0,
     batch_size: int = 256,
+    scale: str = "auto",
     rank: int = 0,
     world_size: int = 1,
 ) -> DataModule:
@@ -146,10 +156,11 @@ def libsvm(
         val = tensors(val_rows, val_path)
     n_val = 0 if val is None else len(val[1])
     description = f"libsvm {train_path}: {len(train[1])} train, {n_val} val rows x {width}"
-    return _module(train, val, batch_size, seed, description, rank, world_size)
+    return _module(train, val, batch_size, seed, description, rank, world_size, scale)
 
 
-def a9a(batch_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataModule:
+def a9a(batch_size: int = 256, seed: int = 0, scale: str = "auto", rank: int = 0,
+        world_size: int = 1) -> DataModule:
     """UCI Adult as LIBSVM's a9a: 32,561 training and 16,281 test rows, 123 binary features."""
     module = libsvm(
         str(A9A_DIR / "a9a.gz"),
@@ -157,6 +168,7 @@ def a9a(batch_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1
         n_features=A9A_FEATURES,
         seed=seed,
         batch_size=batch_size,
+        scale=scale,
         rank=rank,
         world_size=world_size,
     )
@@ -196,6 +208,7 @@ def files(
     shuffle_blocks: int = 16,
     num_workers: int = 0,
     resident: bool = False,
+    scale: str = "auto",
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -234,8 +247,11 @@ def files(
             f"data.val_path {val_path} has {val.n_features} features but data.train_path "
             f"{train_path} has {train.n_features}; give both data.n_features, or files of one width"
         )
+    scaling.check(scale, sparse=train.layout == "sparse")
     stream = ShardStream(train, batch_size, shuffle=True, seed=seed,
                          shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
+    train_eval = ShardStream(train, EVAL_BATCH_SIZE, shuffle=False, rank=rank,
+                             world_size=world_size, evaluation=True)
     if val is not None:
         val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size,
                           n_features=train.n_features, evaluation=True)
@@ -246,6 +262,12 @@ def files(
         stream = ResidentStream(stream)
         val = None if val is None else ResidentStream(val)
         description += ", resident on the training device"
+    if train.layout == "sparse":  # CSR: 8 bytes a non-zero, 8 a row (pointer and label)
+        held_bytes = sum(s.nnz for s in train.shards) * 8 + train.rows * 8
+    else:
+        held_bytes = train.rows * (train.n_features + 1) * 4
     return DataModule(train=stream, val=val, n_features=train.n_features,
                       description=description, n_train=train.rows, num_workers=num_workers,
-                      reader_threads=0 if num_workers or resident else 1, resident=resident)
+                      reader_threads=0 if num_workers or resident else 1, resident=resident,
+                      train_eval=train_eval, held_bytes=held_bytes,
+                      sparse=train.layout == "sparse", scale=scale)
