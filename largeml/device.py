@@ -1,9 +1,11 @@
 """Where a run computes: the device, its arithmetic (`trainer.precision`) and its CPU threads."""
 
 import os
+import sys
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+import torch.optim.lr_scheduler
 
 from largeml.errors import ConfigError
 
@@ -38,3 +40,26 @@ def cpu_threads(reader_threads: int = 0, local_processes: int = 1,
     124 k rows/s on one thread, 281 k on two), so it takes every core and the reader shares."""
     cores = max(1, len(os.sched_getaffinity(0)) // local_processes)
     return cores if compute_bound else max(1, cores - reader_threads)
+
+
+def skip_compiler_import() -> None:
+    """Spares a run the import of torch.compile's machinery, which it never uses.
+
+    `torch.optim.Optimizer` and `LRScheduler` wrap several methods in `torch._disable_dynamo`,
+    which on the first call imports `torch._dynamo` (1.7 s here, 3.5 s on a busy machine: a
+    third of a small run) only to mark the method as not to be compiled. A wrapper skips the
+    import when its function is already marked, so this marks them: each then runs as plain
+    Python, as it would uncompiled. Nothing to do once `torch._dynamo` is loaded. This spares
+    the full-batch solvers; the built-in optimizers' `step` (SGD, Adagrad, Adam) imports it
+    anyway (torch.optim's `_use_grad_for_differentiable`)."""
+    if "torch._dynamo" in sys.modules:
+        return
+    wrapper_code = torch._disable_dynamo(lambda: None).__code__
+    classes = [torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]
+    classes += [c for c in vars(torch.optim).values()
+                if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    for cls in classes:
+        for attr in vars(cls).values():
+            fn = getattr(attr, "__func__", attr)
+            if getattr(fn, "__code__", None) is wrapper_code:
+                fn.__wrapped__.__dynamo_disable = fn.__wrapped__

@@ -364,19 +364,19 @@ class Trainer:
 
     def _objective(self) -> dict[str, float]:
         """f (the documented loss) and the relative gradient norm of what the solver minimises,
-        over all training rows: from the held rows of a full-batch solver, else one more pass
-        over the training set (forward and backward, without updating anything)."""
-        rows = self.held or self._loader(self.data.train_eval)
-        device = None if self.held else self.device
-
-        def f_and_gradient(loss_fn: LossFn, gradient: bool) -> tuple[float, float | None]:
-            return objective.value(self.module, loss_fn, rows, self.l2, self.data.n_train,
-                                   gradient=gradient, reduce=distributed.sum_, device=device)
-
-        f, g = f_and_gradient(self.loss_fn, gradient=self.solver_loss_fn is self.loss_fn)
-        self.solver_objective = f
-        if g is None:  # a smoothed hinge: f is the hinge's, convergence is judged on its twin
-            self.solver_objective, g = f_and_gradient(self.solver_loss_fn, gradient=True)
+        over all training rows."""
+        if self.closure is not None:  # full batch: the solver's own f, ∇f (its next step's start)
+            self.solver_objective = self.closure().item()
+            g = torch.cat([p.grad.reshape(-1) for p in self.closure.params]).norm().item()
+            self.optimizer.zero_grad(set_to_none=True)
+            f = self.solver_objective if self.solver_loss_fn is self.loss_fn else objective.value(
+                self.module, self.loss_fn, self.held, self.l2, self.data.n_train,
+                reduce=distributed.sum_)[0]  # a smoothed hinge: report the hinge's f
+        else:  # one more pass over the training set, forward and backward, updating nothing
+            f, g = objective.value(self.module, self.loss_fn, self._loader(self.data.train_eval),
+                                   self.l2, self.data.n_train, gradient=True,
+                                   reduce=distributed.sum_, device=self.device)
+            self.solver_objective = f
         if not math.isfinite(f):
             raise self._diverged(f"training objective is {f}")
         if self.grad_norm0 is None:
