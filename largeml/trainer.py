@@ -144,7 +144,8 @@ class Trainer:
         self.checkpoints = run_dir / "checkpoints"
 
         self.epoch_length = 1 if self.full_batch else len(data.train)  # in batches
-        self.steps_per_epoch = 1 if self.full_batch else math.ceil(len(data.train) / self.accumulate)
+        self.steps_per_epoch = math.ceil(self.epoch_length / (1 if self.full_batch
+                                                              else self.accumulate))
         self.max_epochs, self.max_steps = max_epochs, max_steps
         self.total_steps = max_epochs * self.steps_per_epoch
         if max_steps is not None:
