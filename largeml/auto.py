@@ -36,7 +36,20 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    return available_ram() // 4
+
+
+def available_ram() -> int:
+    """RAM that can be had without swapping: MemAvailable, which counts the page cache the
+    kernel would give back (MemFree alone is small on a machine that has read much data)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[str, str]:

@@ -1,0 +1,45 @@
+"""`optimizer=auto` and `scheduler=auto`: what they choose from the model and the data."""
+
+import pytest
+import torch
+
+from largeml import auto
+from largeml.data import synthetic
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def data():
+    return synthetic(n_samples=500, n_features=5)
+
+
+@pytest.mark.parametrize("model, budget, optimizer, scheduler", [
+    ("logreg", 1 << 30, "largeml.solvers.Newton", "largeml.schedules.constant"),
+    ("svm", 1 << 30, "largeml.solvers.Newton", "largeml.schedules.constant"),
+    ("logreg", 1000, "torch.optim.Adagrad", "largeml.schedules.constant"),  # does not fit
+    ("mlp", 1 << 30, "torch.optim.Adam", "largeml.schedules.constant"),
+])
+def test_auto_picks_from_the_model_and_the_data(compose_config, data, monkeypatch, model, budget,
+                                                optimizer, scheduler):
+    monkeypatch.setattr(auto, "memory_budget", lambda device: budget)
+    cfg = compose_config(f"model={model}")
+    chosen = auto.resolve(cfg, data, CPU)
+    assert cfg.optimizer._target_ == optimizer and cfg.scheduler._target_ == scheduler
+    assert set(chosen) == {"optimizer", "scheduler"}
+
+
+def test_auto_keeps_a_given_lr_and_an_explicit_choice(compose_config, data):
+    cfg = compose_config("model=mlp", "optimizer.lr=0.003")
+    auto.resolve(cfg, data, CPU)
+    assert (cfg.optimizer._target_, cfg.optimizer.lr) == ("torch.optim.Adam", 0.003)
+
+    cfg = compose_config("optimizer=sgd")  # explicit: only the scheduler is auto
+    assert auto.resolve(cfg, data, CPU) == {"scheduler": "cosine"}
+    assert cfg.scheduler._target_ == "largeml.schedules.cosine"
+    cfg = compose_config("optimizer=sgd", "scheduler=step")
+    assert auto.resolve(cfg, data, CPU) == {}
+
+
+def test_memory_budget_is_a_share_of_what_can_be_had():
+    assert 0 < auto.memory_budget(CPU) <= auto.available_ram()
