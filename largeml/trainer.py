@@ -55,6 +55,9 @@ Batch = tuple[Tensor, Tensor]
 BEST_METRICS = {"val/loss": "lowest", "val/accuracy": "highest", "val/auc": "highest"}
 # Why a run ended, as `stopped` in metrics.json; only "converged" means the optimum was reached.
 STOP_REASONS = ("converged", "max_epochs", "max_steps", "early stopping", "SIGTERM")
+# A streaming optimizer's f moves by noise from epoch to epoch: it has converged once f has
+# stopped falling (by tol) for this many epochs in a row, not after one flat epoch.
+STALLED_EPOCHS = 2
 
 
 class Preempted(LargemlError):
@@ -161,9 +164,10 @@ class Trainer:
         self.best: float | None = None  # the best `best_metric` so far
         self.best_step = -1
         self.stale_validations = 0  # validations since `best` last improved
-        # The stopping rule's record: ‖∇f‖ at the start, and f at the last epoch's end.
+        # The stopping rule's record: ‖∇f‖ at the start, and the lowest f at an epoch's end.
         self.grad_norm0: float | None = None
         self.epoch_objective: float | None = None
+        self.stalled_epochs = 0  # epochs in a row in which a streaming run's f fell < tol
         self.solver_objective: float | None = None  # f of what the solver minimises, last seen
         self.stop_reason: str | None = None
         self.sigterm = SigtermAgreement(self.processes, self.device)
@@ -408,10 +412,12 @@ class Trainer:
     def _check_convergence(self, metrics: Mapping[str, float]) -> None:
         """The stopping rule, at the end of each epoch: a full-batch solver has converged when
         ‖∇f‖ has fallen below `tol` times its start, or when an iteration no longer lowers f at
-        all (the arithmetic's limit); a streaming optimizer when f fell by less than `tol`,
-        relatively, over the epoch. `tol=0` never stops. f is what the solver minimises."""
+        all (the arithmetic's limit); a streaming optimizer when f has fallen by less than
+        `tol`, relatively, below its lowest so far, in each of `STALLED_EPOCHS` epochs in a row
+        (f stalls: as scikit-learn's SGDClassifier, not a proof of the optimum). `tol=0` never
+        stops. f is what the solver minimises."""
         f, previous = self.solver_objective, self.epoch_objective
-        self.epoch_objective = f
+        self.epoch_objective = f if previous is None else min(f, previous)
         if self.tol <= 0 or self.stop_reason is not None:
             return
         decrease = None if previous is None else (previous - f) / max(abs(f), 1e-30)
@@ -419,7 +425,9 @@ class Trainer:
             converged = metrics["train/grad_norm_rel"] <= self.tol or (
                 decrease is not None and decrease <= 0)
         else:
-            converged = decrease is not None and decrease < self.tol
+            self.stalled_epochs = self.stalled_epochs + 1 if (
+                decrease is not None and decrease < self.tol) else 0
+            converged = self.stalled_epochs >= STALLED_EPOCHS
         if converged:
             self.stop_reason = "converged"
             log.info("converged after %d epochs (%d steps)%s, trainer.tol=%g", self.epoch,
@@ -467,6 +475,7 @@ class Trainer:
             "best": {"metric": self.best_metric, "value": self.best, "step": self.best_step,
                      "stale_validations": self.stale_validations},
             "convergence": {"grad_norm0": self.grad_norm0, "epoch_objective": self.epoch_objective,
+                            "stalled_epochs": self.stalled_epochs,
                             "stop_reason": self.stop_reason},
             "rng": rng,  # one entry per rank
             "progress": {"rows_seen": self.rows_seen, "train_seconds": self.train_seconds,
@@ -527,6 +536,7 @@ class Trainer:
         convergence = state["convergence"]
         self.grad_norm0 = convergence["grad_norm0"]
         self.epoch_objective = convergence["epoch_objective"]
+        self.stalled_epochs = convergence["stalled_epochs"]
         if convergence["stop_reason"] in ("converged", "early stopping"):
             self.stop_reason = convergence["stop_reason"]  # done: a rerun trains no further
         self._saved = self._position()
