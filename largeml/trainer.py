@@ -533,11 +533,12 @@ class Trainer:
         self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
         self._last_train, self._last_val = progress["last_train"], progress["last_val"]
         self._last_val_step = progress["last_val_step"]
-        convergence = state["convergence"]
-        self.grad_norm0 = convergence["grad_norm0"]
-        self.epoch_objective = convergence["epoch_objective"]
-        self.stalled_epochs = convergence["stalled_epochs"]
-        if convergence["stop_reason"] in ("converged", "early stopping"):
+        # Checkpoints of largeml before the stopping rule have no record: start it afresh.
+        convergence = state.get("convergence", {})
+        self.grad_norm0 = convergence.get("grad_norm0")
+        self.epoch_objective = convergence.get("epoch_objective")
+        self.stalled_epochs = convergence.get("stalled_epochs", 0)
+        if convergence.get("stop_reason") in ("converged", "early stopping"):
             self.stop_reason = convergence["stop_reason"]  # done: a rerun trains no further
         self._saved = self._position()
         rng = state["rng"]
