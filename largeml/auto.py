@@ -5,9 +5,16 @@ run's resolved `config.yaml` (so evaluate, predict and a resume see what was cho
                              (logreg, svm) whose training rows fit in memory: a quarter of the
                              free RAM, or half the free GPU memory
                      adagrad (per-feature steps, streamed) for a linear model on more data
-                     adam    for an MLP (non-convex: stochastic steps, streamed)
+                     adam    for an MLP (non-convex: stochastic steps, streamed), at lr
+                             `MLP_LR` unless optimizer.lr is given
     scheduler=auto   cosine for sgd; constant for every other optimizer (adaptive and
                      full-batch methods set their own step lengths)
+
+With optimizer=auto, an MLP with validation rows also stops early, after
+`EARLY_STOPPING_PATIENCE` validations without a lower val/loss, unless
+trainer.early_stopping_patience is set: its training objective is not convex, and falls long
+after the model has begun to overfit (on 40,000 synthetic rows it trained 40 epochs to 80.6 %
+validation accuracy, where a linear model reaches 85.7 %).
 
 Feature scaling (`data.scale=auto`) is chosen from the data's values: see `largeml.data.scaling`.
 """
@@ -25,6 +32,11 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LINEAR = "largeml.models.Linear"
+EARLY_STOPPING_PATIENCE = 3
+# Adam's step for an MLP. With early stopping, measured on four sets (validation accuracy at
+# lr 0.01 / 0.003): a9a 84.23 / 84.82 %, 40,000 synthetic rows 83.98 / 84.29 %, tests'
+# dense_imbalanced 94.67 / 94.52 %, binary_rare — / 97.92 %; at 0.01 the last epochs bounce.
+MLP_LR = 0.003
 
 
 def is_auto(section: DictConfig) -> bool:
@@ -71,11 +83,19 @@ def resolve(cfg: DictConfig, data: DataModule, device: torch.device) -> dict[str
         if is_auto(cfg.optimizer):
             name, why = optimizer(cfg, data, device)
             given = {k: v for k, v in cfg.optimizer.items() if k != "_target_" and v is not None}
+            if name == "adam" and "lr" not in given:
+                given["lr"] = MLP_LR
             cfg.optimizer = OmegaConf.merge(
                 OmegaConf.load(CONFIG_DIR / "optimizer" / f"{name}.yaml"), given)
             chosen["optimizer"] = name
             log.info("optimizer=auto: %s (%s)%s", name, why,
                      "".join(f", optimizer.{k}={v}" for k, v in given.items()))
+            if (cfg.model._target_ != LINEAR and data.val is not None
+                    and cfg.trainer.early_stopping_patience is None):
+                cfg.trainer.early_stopping_patience = EARLY_STOPPING_PATIENCE
+                chosen["early_stopping_patience"] = str(EARLY_STOPPING_PATIENCE)
+                log.info("optimizer=auto, a non-linear model: trainer.early_stopping_patience=%d "
+                         "(on %s)", EARLY_STOPPING_PATIENCE, cfg.trainer.best_metric)
         if is_auto(cfg.scheduler):
             name = "cosine" if cfg.optimizer._target_ == "torch.optim.SGD" else "constant"
             cfg.scheduler = OmegaConf.load(CONFIG_DIR / "scheduler" / f"{name}.yaml")
