@@ -70,7 +70,9 @@ def value(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], l2: float
             full = FullBatch(model, loss_fn, on_device, l2, n_rows, reduce)
             f = full().item()
             return f, torch.cat([p.grad.reshape(-1) for p in full.params]).norm().item()
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        # On the model's device: held rows on a GPU come with no `device` to move them to.
+        total = torch.zeros((), dtype=torch.float64,
+                            device=device or next(model.parameters()).device)
         with torch.no_grad():
             for x, y in on_device:
                 total += loss_fn(model(x).float(), y).double().sum()
