@@ -44,6 +44,7 @@ def run(cfg: DictConfig) -> tuple[ShardIndex, float]:
         labels=None if cfg.labels is None else str(cfg.labels),
         label_column=cfg.label_column,
         shard_bytes=max(1, int(cfg.shard_mb * 2**20)),
+        hash_bits=cfg.hash_bits,
     )
     return index, time.perf_counter() - start
 

@@ -13,6 +13,9 @@ found with array operations and every number is read by `_parse_numbers`, which 
 same float64 as Python's `float`) and several times faster than a per-token loop. When anything
 in a chunk looks wrong, the chunk is parsed again line by line in plain Python; that slow path
 defines what is accepted and raises the error naming the file, line and token.
+
+With `hash_bits=N` (sparse LIBSVM only), each parsed chunk's feature ids are hashed into 2^N
+signed columns (`largeml.data.hashing`), the same whichever path parsed it.
 """
 
 import csv
@@ -34,7 +37,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from largeml.data import shards
+from largeml.data import hashing, shards
 from largeml.data.libsvm import MAX_INDEX, parse_line
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import ConfigError, DataError
@@ -77,6 +80,7 @@ def convert(
     labels: str | Path | None = None,
     label_column: str | int | None = "label",
     shard_bytes: int = shards.SHARD_BYTES,
+    hash_bits: int | None = None,
 ) -> ShardIndex:
     """Converts `input` into a shard directory at `output` in one streaming pass.
 
@@ -84,16 +88,20 @@ def convert(
     libsvm); `.gz` text is decompressed on the fly. LIBSVM is sparse unless `layout="dense"`
     (which needs `n_features`); CSV (a header row, labels in `label_column`, by name or
     position, or no labels with `label_column=None`: rows to score, all given label 0) and `.npy`
-    (features, with a 1-D `labels` `.npy`) are dense.
+    (features, with a 1-D `labels` `.npy`) are dense. `hash_bits=N` (sparse LIBSVM) hashes the
+    feature ids into 2^N columns (`largeml.data.hashing`).
     """
     path = Path(input)
     fmt = resolve_format(path, format)
     layout = _check_options(fmt, layout, n_features, labels, shard_bytes)
+    check_hash_bits(hash_bits, fmt, layout, n_features)
     if not path.is_file():
         raise DataError(f"input: no such file: {path}")
     source = {"path": str(path.resolve()), "format": fmt, "bytes": path.stat().st_size}
     if labels is not None:
         source["labels"] = str(Path(labels).resolve())
+    if hash_bits is not None:
+        source["hash_bits"] = hash_bits
     # Progress in MiB (KiB) of the input read, on rank 0 (under torchrun one rank converts and
     # the others wait; only rank 0 talks to the console).
     unit, scale = ("MiB", MiB) if path.stat().st_size >= MiB else ("KiB", 1024)
@@ -109,7 +117,8 @@ def convert(
             if fmt == "csv":
                 return _convert_csv(path, chunks, output, n_features, label_column, shard_bytes,
                                     source)
-            return _convert_libsvm(path, chunks, output, layout, n_features, shard_bytes, source)
+            return _convert_libsvm(path, chunks, output, layout, n_features, shard_bytes, source,
+                                   hash_bits)
     finally:
         progress.close()
 
@@ -186,6 +195,23 @@ def _check_options(fmt: str, layout: str | None, n_features: int | None,
     if fmt != "npy" and labels is not None:
         raise ConfigError(f"labels={labels} is only for npy input; {fmt} files hold their labels")
     return layout or ("sparse" if fmt == "libsvm" else "dense")
+
+
+def check_hash_bits(hash_bits: int | None, fmt: str, layout: str | None,
+                    n_features: int | None, prefix: str = "") -> None:
+    """Hashing is for sparse LIBSVM input, into exactly 2^N columns; the ConfigError names the
+    key (`prefix` + `hash_bits`, e.g. `data.hash_bits`)."""
+    key = f"{prefix}hash_bits"
+    hashing.check(hash_bits, key)
+    if hash_bits is None:
+        return
+    if fmt != "libsvm" or layout == "dense":
+        what = f"{fmt} input is dense" if fmt != "libsvm" else "layout=dense was asked for"
+        raise ConfigError(f"{key}={hash_bits} hashes the feature ids of sparse LIBSVM input, but "
+                          f"{what}; leave {key} unset (null)")
+    if n_features is not None and n_features != 1 << hash_bits:
+        raise ConfigError(f"{prefix}n_features={n_features}, but {key}={hash_bits} makes "
+                          f"{1 << hash_bits:,} columns; leave {prefix}n_features unset (null)")
 
 
 def _identity(path: Path) -> list[Any]:
@@ -277,11 +303,11 @@ def _parse_numbers(
 
 
 def _parse_digits(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
-    """Reads the unsigned integers `buf[starts[i]:ends[i]]` (at most 9 digits); None if one
-    is anything else."""
+    """Reads the unsigned integers `buf[starts[i]:ends[i]]` (at most 18 digits, so int64 holds
+    them: ids up to the int32 limit have 10); None if one is anything else."""
     lens = ends - starts
     width = int(lens.max(initial=1))
-    if width > 9 or lens.min(initial=1) < 1:
+    if width > 18 or lens.min(initial=1) < 1:
         return None
     values = np.zeros(len(starts), dtype=np.int64)
     for j in range(width):
@@ -352,13 +378,20 @@ def _to_01(raw: np.ndarray) -> np.ndarray:
 
 def _convert_libsvm(path: Path, chunks: Iterator[tuple[int, bytes]], output: str | Path,
                     layout: str, n_features: int | None, shard_bytes: int,
-                    source: dict[str, Any]) -> ShardIndex:
+                    source: dict[str, Any], hash_bits: int | None = None) -> ShardIndex:
     labels = _Labels("line")
     piece = _piece_bytes(shard_bytes)
-    with ShardWriter(output, layout, n_features, shard_bytes, source) as writer:
+    # Hashed, the ids are read up to the int32 limit and the columns are exactly 2^N.
+    limit, width = (n_features, n_features) if hash_bits is None else (None, 1 << hash_bits)
+    with ShardWriter(output, layout, width, shard_bytes, source) as writer:
         for lineno, chunk in chunks:
-            rows = (_libsvm_fast(chunk, lineno, n_features, labels)
-                    or _libsvm_slow(chunk, lineno, path, n_features, labels))
+            rows = (_libsvm_fast(chunk, lineno, limit, labels)
+                    or _libsvm_slow(chunk, lineno, path, limit, labels))
+            if hash_bits is not None:
+                last = lineno + chunk.count(b"\n") - 1
+                where = f"{path}: lines {lineno}-{last}"
+                rows.indptr, rows.indices, rows.values = hashing.hash_rows(
+                    rows.indptr, rows.indices, rows.values, hash_bits, where)
             if layout == "sparse":
                 _write_sparse(writer, rows, piece)
             else:
