@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from largeml.data import scaling
+from largeml import auto
+from largeml.data import hashing, scaling
 from largeml.data.batches import DataModule, InMemoryBatches, eval_share
 from largeml.data.libsvm import read_libsvm
 from largeml.data.resident import ResidentStream
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 A9A_DIR = Path(__file__).parent / "a9a"
 A9A_FEATURES = 123
 EVAL_BATCH_SIZE = 8192
+# The least a run holds per feature at once, whatever it trains with: the weight and its
+# gradient (8 bytes), optimizer state (adagrad's sums 4, adam's moments 8, Newton's CG vectors
+# more) and data.scale's fitting buffers (float64 sums and squares, 16). A width that needs more
+# than the free RAM cannot train, so `files` stops before anything that size is allocated.
+BYTES_PER_FEATURE = 32
 
 
 def normalize_labels(labels: np.ndarray | Tensor, where: str) -> Tensor:
@@ -187,6 +193,49 @@ def prepared(path: str, key: str, format: str, cache_dir: str, **options) -> Sha
     return cached(path, Path(cache_dir).expanduser(), format=format, **options)
 
 
+def check_hashing(path: str, key: str, format: str, hash_bits: int | None,
+                  n_features: int | None) -> None:
+    """Before any conversion: `data.hash_bits` is for sparse LIBSVM input only."""
+    if hash_bits is None or format == "shards" or Path(path).is_dir():
+        return  # a prepared directory is checked against its index once open
+    from largeml.data.convert import check_hash_bits, resolve_format
+
+    check_hash_bits(hash_bits, resolve_format(Path(path), format), None, n_features, "data.")
+
+
+def hashed_as(index: ShardIndex, key: str, hash_bits: int | None) -> ShardIndex:
+    """`index`, unless `data.hash_bits` asks for hashing it was not prepared with."""
+    prepared_with = index.source.get("hash_bits")
+    if hash_bits is not None and prepared_with != hash_bits:
+        how = ("without hashing" if prepared_with is None
+               else f"with hash_bits={prepared_with}")
+        raise ConfigError(
+            f"{key} {index.root} was prepared {how}, but data.hash_bits={hash_bits}: prepare it "
+            f"again with hash_bits={hash_bits}, or leave data.hash_bits unset to train on it as "
+            "it is")
+    return index
+
+
+def fits_in_memory(index: ShardIndex, key: str, available: int) -> None:
+    """Raises a DataError, before anything of the data's width is allocated, if a model over
+    `index.n_features` features cannot fit in `available` bytes of RAM."""
+    need = index.n_features * BYTES_PER_FEATURE
+    if need <= available:
+        return
+    where = index.source.get("path", str(index.root))
+    gib = f"about {need / 2**30:,.1f} GiB ({BYTES_PER_FEATURE} bytes a feature: weight, " \
+          f"gradient, optimizer state, scaling), but {available / 2**30:,.1f} GiB of RAM is free"
+    bits = hashing.suggested_bits(min(index.nnz, index.n_features), available, BYTES_PER_FEATURE)
+    if "hash_bits" in index.source:
+        raise DataError(f"{key} {where}: data.hash_bits={index.source['hash_bits']} makes "
+                        f"{index.n_features:,} columns, which need {gib}; use fewer, e.g. "
+                        f"data.hash_bits={bits} ({1 << bits:,} columns)")
+    raise DataError(
+        f"{key} {where}: its highest feature index is {index.n_features:,}, and a model that "
+        f"wide needs {gib}. Hash the feature ids into fewer columns: data.hash_bits={bits} "
+        f"({1 << bits:,} columns; README, \"Hashing feature ids\")")
+
+
 def labelled(index: ShardIndex, key: str) -> ShardIndex:
     """`index`, unless it was prepared without labels (`label_column=null`, rows to score)."""
     if index.source.get("label_column", "") is None:
@@ -209,6 +258,7 @@ def files(
     num_workers: int = 0,
     resident: bool = False,
     scale: str = "auto",
+    hash_bits: int | None = None,
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
@@ -221,6 +271,10 @@ def files(
 
     With `resident` (dense data), the Trainer loads the rank's rows once onto its device and
     every epoch's batches, the same ones as streamed, are cut there (`ResidentStream`).
+
+    `hash_bits=N` hashes LIBSVM feature ids into 2^N columns (`largeml.data.hashing`). A
+    training set wider than the free RAM can hold a model of (`BYTES_PER_FEATURE`) is an error
+    that suggests it.
     """
     if not isinstance(resident, bool):
         raise ConfigError(f"data.resident must be true or false, got {resident!r}")
@@ -232,13 +286,20 @@ def files(
     if label_column is None:
         raise ConfigError("data.label_column=null means no labels: training needs them; name "
                           "the CSV's label column (largeml.predict scores unlabelled rows)")
+    hashing.check(hash_bits, "data.hash_bits")
+    for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
+        if path is not None:
+            check_hashing(path, key, format, hash_bits, n_features)
     options = {"n_features": n_features, "label_column": label_column}
+    if hash_bits is not None:  # only then: the cache keys of unhashed files stay as they were
+        options["hash_bits"] = hash_bits
     train = prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
+    labelled(hashed_as(train, "data.train_path", hash_bits), "data.train_path")
+    fits_in_memory(train, "data.train_path", auto.available_ram())
     val = None if val_path is None else prepared(
         val_path, "data.val_path", format, cache_dir, labels=val_labels, **options)
-    labelled(train, "data.train_path")
     if val is not None:
-        labelled(val, "data.val_path")
+        labelled(hashed_as(val, "data.val_path", hash_bits), "data.val_path")
     if val is not None and (
         val.n_features > train.n_features
         or (train.layout == "dense" and val.n_features != train.n_features)
