@@ -3,8 +3,13 @@ run's resolved `config.yaml` (so evaluate, predict and a resume see what was cho
 
     optimizer=auto   newton  (full-batch Newton, `largeml.solvers.Newton`) for a linear model
                              (logreg, svm) whose training rows fit in memory: a quarter of the
-                             free RAM, or half the free GPU memory
-                     adagrad (per-feature steps, streamed) for a linear model on more data
+                             free RAM, or half the free GPU memory; for sparse rows streamed
+                             from files, also at most `SPARSE_HOLD_MAX`
+                     ftrl    (FTRL-Proximal, `largeml.ftrl`: per-feature steps at the cost of
+                             each batch's non-zeros, streamed) for a linear model on more sparse
+                             data than that, in one process
+                     adagrad (per-feature steps, streamed) for a linear model on more dense
+                             data, or sparse data under torchrun
                      adam    for an MLP (non-convex: stochastic steps, streamed), at lr
                              `MLP_LR` unless optimizer.lr is given
     scheduler=auto   cosine for sgd; constant for every other optimizer (adaptive and
@@ -27,6 +32,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from largeml.data import DataModule
+from largeml.data.stream import ShardStream
+from largeml.distributed import Processes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,12 @@ EARLY_STOPPING_PATIENCE = 3
 # lr 0.01 / 0.003): a9a 84.23 / 84.82 %, 40,000 synthetic rows 83.98 / 84.29 %, tests'
 # dense_imbalanced 94.67 / 94.52 %, binary_rare — / 97.92 %; at 0.01 the last epochs bounce.
 MLP_LR = 0.003
+# Sparse rows streamed from files are for data larger than memory; a full-batch solver holds
+# them. Up to this size it does (Newton reaches the exact optimum in a few passes); beyond it
+# FTRL streams them, with the weights and its state as the only O(n_features) memory. On the
+# 1 M-row, 2 M-feature set of scripts/bench_sparse.py (328 MB of rows) holding them would take
+# the run past 512 MiB.
+SPARSE_HOLD_MAX = 128 << 20
 
 
 def is_auto(section: DictConfig) -> bool:
@@ -70,6 +83,13 @@ def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[
     if cfg.model._target_ != LINEAR:
         return "adam", "a non-linear model"
     budget = memory_budget(device)
+    streamed = isinstance(data.train_eval, ShardStream)
+    if data.sparse and streamed and data.held_bytes > min(budget, SPARSE_HOLD_MAX):
+        why = (f"a linear model, {size}, sparse, streamed: more than "
+               f"{min(budget, SPARSE_HOLD_MAX) / 2**20:,.0f} MiB to hold")
+        if Processes.from_env().world_size > 1:
+            return "adagrad", why + ", under torchrun"
+        return "ftrl", why
     if data.held_bytes <= budget:
         return "newton", f"a linear model, {size} fit in memory ({budget / 2**30:,.1f} GiB)"
     return "adagrad", f"a linear model, {size} exceed the memory budget ({budget / 2**30:,.1f} GiB)"

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from largeml import kernels
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -33,11 +35,7 @@ def first_layer(x: Tensor, linear: nn.Linear) -> Tensor:
     """
     if x.layout != torch.sparse_csr:
         return linear(x)
-    if x.dim() != 2 or x.shape[1] != linear.in_features:
-        raise ValueError(
-            f"sparse batch of shape {tuple(x.shape)} does not fit a first layer of "
-            f"{linear.in_features} features; build the model with n_features={x.shape[-1]}"
-        )
+    _check_width(x, linear)
     crow, cols, values = x.crow_indices(), x.col_indices(), x.values()
     if linear.out_features == 1:
         # Gather, multiply, sum each row's segment. Measured 10x faster forward+backward than
@@ -53,6 +51,14 @@ def first_layer(x: Tensor, linear: nn.Linear) -> Tensor:
             cols, linear.weight.t(), offsets=crow[:-1], per_sample_weights=values, mode="sum"
         )
     return out if linear.bias is None else out + linear.bias
+
+
+def _check_width(x: Tensor, linear: nn.Linear) -> None:
+    if x.dim() != 2 or x.shape[1] != linear.in_features:
+        raise ValueError(
+            f"sparse batch of shape {tuple(x.shape)} does not fit a first layer of "
+            f"{linear.in_features} features; build the model with n_features={x.shape[-1]}"
+        )
 
 
 def column_major(linear: nn.Linear) -> nn.Linear:
@@ -109,7 +115,29 @@ class Linear(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.layout == torch.sparse_csr and kernels.available(x):
+            _check_width(x, self.linear)
+            # The input map's scale is folded into the loop (a sparse map has no shift; an
+            # inactive one has scale 1), so the scaled batch is never built.
+            return _CsrLinear.apply(x, self.input.mult, self.linear.weight, self.linear.bias)
         return first_layer(self.input(x), self.linear).squeeze(-1)
+
+
+class _CsrLinear(torch.autograd.Function):
+    """x·(scale ⊙ w) + b for a CSR batch on the CPU, by the compiled loops of
+    `largeml.kernels`: one pass over the non-zeros forward, one backward. The weight gradient is
+    dense, as autograd and the optimizers expect."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.x, ctx.scale, ctx.width = x, scale, weight.shape[1]
+        return kernels.csr_matvec(x, weight.detach()[0], scale, float(bias))
+
+    @staticmethod
+    def backward(ctx, d: Tensor):
+        grad = torch.zeros(ctx.width)
+        kernels.csr_rmatvec(ctx.x, d.contiguous(), ctx.scale, grad)
+        return None, None, grad.view(1, -1), d.sum().view(1)
 
 
 class MLP(nn.Module):

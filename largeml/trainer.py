@@ -104,7 +104,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.penalised = penalised_weights(model)
         self.module = model.to(self.device)  # the model itself: its state_dict is the checkpoint's
-        self.optimizer = optimizer(self.module.parameters())
+        # An optimizer that takes whole batches (FTRL) computes its own gradients, L2 included,
+        # in O(the batch's non-zeros); every other one gets gradients from backward().
+        self.takes_batches = getattr(getattr(optimizer, "func", optimizer), "takes_batches", False)
+        self.optimizer = (optimizer(self.module.parameters(), l2=l2) if self.takes_batches
+                          else optimizer(self.module.parameters()))
         # A full-batch solver (L-BFGS, Newton) takes one step per epoch over every training row,
         # held in memory; its closure sums gradients over ranks itself, so it needs no DDP.
         self.full_batch = is_full_batch(self.optimizer)
@@ -114,6 +118,8 @@ class Trainer:
             data.reader_threads, self.processes.local_world_size,
             compute_bound=len(self.penalised) > 1 or self.full_batch)
         torch.set_num_threads(self.num_threads)
+        if self.takes_batches:
+            _check_batch_optimizer(self.processes, accumulate_grad_batches, grad_clip_norm)
         distributed.start(self.processes, self.device, dist_timeout)
         self.model = self.module  # what the loop calls: under torchrun, wrapped in DDP
         if self.processes.distributed and not self.full_batch:
@@ -293,7 +299,15 @@ class Trainer:
         detached. With `grad_norm`, keeps the gradient's global L2 norm (before clipping) for
         the log."""
         self.model.train()
-        if self.full_batch:
+        if self.takes_batches:
+            total = torch.zeros((), device=self.device)
+            for x, y in batches:  # one: _check_batch_optimizer allows no accumulation
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                losses = self.optimizer.step_batch(self.module, x, y, self.loss_fn)
+                total += losses.sum()
+            self.batch_in_epoch += len(batches)
+        elif self.full_batch:
             self.optimizer.step(self.closure)
             total = self.closure.loss_sum
             self.batch_in_epoch += 1
@@ -311,13 +325,15 @@ class Trainer:
                 total += losses.sum()
             objective.add_penalty_gradient(self.penalised, self.l2)
             self.batch_in_epoch += len(batches)
-        if self.grad_clip_norm and not self.full_batch:
+        if self.takes_batches:
+            pass  # no gradients to clip or measure
+        elif self.grad_clip_norm and not self.full_batch:
             self._grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
                                                        self.grad_clip_norm)
         elif grad_norm:
             self._grad_norm = nn.utils.get_total_norm(
                 [p.grad for p in self.module.parameters() if p.grad is not None])
-        if not self.full_batch:
+        if not self.full_batch and not self.takes_batches:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -353,6 +369,7 @@ class Trainer:
         if self._last_val_step == self.step:
             return self._last_val
         with self._paused():
+            self._settle()
             metrics = self._objective()
             if self.data.val is not None:
                 scores, targets = self.scores(self.data.val)
@@ -452,6 +469,7 @@ class Trainer:
         if distributed.any_(not finite, self.device):  # a diverged model is never saved
             raise self._diverged("training loss or weights are not finite")
         with self._paused():
+            self._settle()
             rng = distributed.gather_objects(_rng_state(self.device))
             if self.processes.main:
                 self._write_checkpoint(rng)
@@ -598,6 +616,12 @@ class Trainer:
         log.info("full batch: %d training rows held on %s in %.1f s", sum(len(y) for _, y in
                  self.held), self.device, time.perf_counter() - started)
 
+    def _settle(self) -> None:
+        """Brings the model's parameters up to date with an optimizer that keeps them in its
+        own state (FTRL), before anything reads the model."""
+        if self.takes_batches:
+            self.optimizer.settle()
+
     def _no_sync(self):
         return self.model.no_sync() if self.processes.distributed else nullcontext()
 
@@ -670,6 +694,15 @@ class Trainer:
             **({"stopped": self.stop_reason, "converged": self.stop_reason == "converged"}
                if self.stop_reason else {}),
         }
+
+
+def _check_batch_optimizer(processes: Processes, accumulate: int, clip: float | None) -> None:
+    if processes.world_size > 1:
+        raise ConfigError("optimizer=ftrl runs in one process: under torchrun, use "
+                          "optimizer=adagrad (or optimizer=auto, which picks it)")
+    if accumulate != 1 or clip:
+        raise ConfigError("optimizer=ftrl takes one batch per step and clips nothing: leave "
+                          "trainer.accumulate_grad_batches=1 and trainer.grad_clip_norm=null")
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:

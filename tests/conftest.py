@@ -72,6 +72,25 @@ def write_dense_shards(root: Path, rows: int, features: int, seed: int = 0) -> P
     return root
 
 
+def write_sparse_shards(root: Path, rows: int, features: int, nnz: int = 8,
+                        seed: int = 0) -> Path:
+    """A sparse shard set: `nnz` features a row out of `features` (a feature may repeat in a
+    row), values in [0, 1), labels from a random hyperplane (learnable, not separable)."""
+    rng = np.random.default_rng(seed)
+    indices = rng.integers(0, features, size=rows * nnz).astype(np.int32)
+    values = rng.random(rows * nnz).astype(np.float32)
+    indptr = np.arange(0, rows * nnz + 1, nnz)
+    w = rng.normal(size=features)
+    score = np.add.reduceat(values * w[indices], indptr[:-1])
+    y = (score + 0.3 * rng.normal(size=rows) > np.median(score)).astype(np.float32)
+    with ShardWriter(root, "sparse", shard_bytes=nnz * 8 * 300) as writer:
+        for i in range(0, rows, 100):
+            a, b = indptr[i], indptr[min(i + 100, rows)]
+            writer.write_sparse(indptr[i:min(i + 100, rows) + 1], indices[a:b], values[a:b],
+                                y[i:i + 100])
+    return root
+
+
 def run_in_terminal(module: str, *args: str, cwd: Path, timeout: float = 120) -> tuple[int, str]:
     """Runs `python -m MODULE ARGS` with its stdout and stderr on a pseudo-terminal, as in an
     interactive shell: (exit code, everything the terminal received)."""

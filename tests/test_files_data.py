@@ -22,10 +22,10 @@ def prepare(*args: str, cwd: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["auto", "adagrad"])
+@pytest.mark.parametrize("optimizer", ["auto", "adagrad", "ftrl"])
 def test_prepared_a9a_shards_train_to_liblinear_accuracy(tmp_path, optimizer):
     """The full path a user takes: prepare both files, then train on the sparse shards: held
-    in memory by the default full-batch solver, or streamed (adagrad)."""
+    in memory by the default full-batch solver, or streamed (adagrad, ftrl)."""
     prepare(f"input={A9A_DIR / 'a9a.gz'}", "output=train", cwd=tmp_path)
     prepare(f"input={A9A_DIR / 'a9a.t.gz'}", "output=test", cwd=tmp_path)
     run_dir = tmp_path / "run"

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, STREAMING, TORCHRUN, free_port, write_dense_shards
+from conftest import REPO, STREAMING, TORCHRUN, free_port, write_dense_shards, write_sparse_shards
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from largeml.checkpoint import (
@@ -58,6 +58,10 @@ CASES = {
                "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=7",
                "trainer.log_every_n_steps=50", *STREAMING],  # 8000 rows: 250 steps an epoch
     "mlp-dropout": [*LONG, "model=mlp", "model.hidden_sizes=[16]", "model.dropout=0.2"],
+    # FTRL's state, not the model, holds the weights between checkpoints
+    "ftrl-sparse": ["data=files", "data.train_path={sparse_shards}", "data.batch_size=32",
+                    "optimizer=ftrl", "trainer.tol=0", "trainer.max_epochs=3",
+                    "trainer.checkpoint_every_n_steps=7", "trainer.log_every_n_steps=50"],
 }
 # Short: 10 steps an epoch, 20 in all; step files at 3, 6, 9, 10, 12, 15, 18, 20 (15, 18 and 20
 # kept).
@@ -233,7 +237,8 @@ def shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def case_overrides(shards) -> Callable[[str], list[str]]:
-    return lambda case: [o.format(shards=shards) for o in CASES[case]]
+    sparse = write_sparse_shards(shards.parent / "sparse", 8000, 500)
+    return lambda case: [o.format(shards=shards, sparse_shards=sparse) for o in CASES[case]]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,132 @@
+"""FTRL-Proximal (McMahan et al., "Ad Click Prediction: a View from the Trenches", KDD 2013) for
+a linear model, with per-feature adaptive steps and a step that costs O(the batch's non-zeros).
+
+Per feature j the state is z_j (gradients summed, less the proximal terms) and n_j (squared
+gradients summed); the weight is a closed form of them,
+
+    w_j = −z_j / ((β + √n_j) / α + λ·t)
+
+after t steps, and a step with batch gradient g_j (of the batch's mean loss) does
+
+    σ = (√(n_j + g_j²) − √n_j) / α,   z_j += g_j − σ·w_j,   n_j += g_j².
+
+A feature absent from a batch has g_j = 0, which changes neither z_j nor n_j: only the features
+present are touched, and nothing is owed to the others. The L2 term is where this FTRL differs
+from the paper's: λ·t, not a constant. After t steps FTRL minimises Σ_s g_s·w + the proximal
+terms + r_t(w); with r_t = t·λ/2·‖w‖² that is t times the documented objective, mean loss +
+λ/2·‖w‖², linearised, so a fixed point has ∇loss + λw = 0: the optimum of the objective the rest
+of largeml minimises (`largeml.objective`), reached exactly, with no per-step decay of the
+absent features (tests/test_ftrl.py checks it against the Newton solver).
+
+The state is one (n_features, 4) tensor, feature by feature (see `largeml.kernels`): z, n, the
+feature's scale (the model's input map, folded into the step) and a gradient slot. The model's
+own weights are written from it by `settle()`, which the Trainer calls before anything reads
+the model (validation, checkpoints, the end of training). The bias has the same FTRL step,
+without L2.
+
+`lr` is α. Its default is the paper's suggestion for features scaled to about [−1, 1] (which
+`data.scale=auto` gives); β = 1 keeps the first steps bounded.
+"""
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largeml import kernels
+from largeml.kernels import SCALE, N, Z
+from largeml.models import Linear
+
+
+class FTRL(Optimizer):
+    """See the module docstring. `step_batch` is the step; `settle` writes the weights."""
+
+    takes_batches = True  # the Trainer hands it batches, not gradients
+
+    def __init__(self, params, lr: float = 0.1, beta: float = 0.0, l2: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta, "l2": l2})
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(params) != 2 or params[0].dim() != 2 or params[0].shape[0] != 1:
+            raise ValueError("FTRL trains a linear model (one weight row and a bias): logreg "
+                             "or svm")
+        self.weight, self.bias = params
+        width = self.weight.shape[1]
+        device = self.weight.device
+        self.state["ftrl"] = {
+            "features": torch.zeros(width, 4, device=device),
+            "bias": torch.zeros(2, dtype=torch.float64, device=device),  # z, n
+            "steps": 0,
+            "scaled": False,  # whether the model's input scale is in the state
+        }
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step_batch(self, model: Linear, x: Tensor, y: Tensor, loss_fn) -> Tensor:
+        """One step on the mean loss over batch (x, y) + λ/2·‖w‖²; returns the per-row losses,
+        detached. `model` is the `Linear` whose parameters this optimizer holds."""
+        state = self.state["ftrl"]
+        features = state["features"]
+        if not state["scaled"]:
+            features[:, SCALE] = model.input.mult if model.input.active else 1.0
+            state["scaled"] = True
+        group = self.param_groups[0]
+        alpha, beta = group["lr"], group["beta"]
+        decay = group["l2"] * state["steps"]
+        bias = self._bias_value(alpha, beta)
+        sparse = x.layout == torch.sparse_csr
+        if sparse:
+            scores = kernels.ftrl_scores(x, features, alpha, beta, decay, bias)
+        else:
+            x = model.input(x)
+            w = kernels.ftrl_weights(features, alpha, beta, decay)
+            scores = x @ w + bias
+        scores.requires_grad_()
+        losses = loss_fn(scores, y)
+        (d,) = torch.autograd.grad(losses.sum() / len(y), scores)
+        with torch.no_grad():
+            if sparse:
+                kernels.ftrl_update(x, d, features, alpha, beta, decay)
+            else:
+                self._dense_update(x, d, features, alpha, beta, decay)
+            self._bias_update(d.sum(), alpha, beta)
+        state["steps"] += 1
+        return losses.detach()
+
+    def _dense_update(self, x: Tensor, d: Tensor, features: Tensor, alpha: float, beta: float,
+                      decay: float) -> None:
+        g = d @ x  # x is already scaled by the model's input map
+        z, n = features[:, Z], features[:, N]
+        w = kernels.ftrl_weights(features, alpha, beta, decay)
+        n_new = n + g * g
+        z += g - (n_new.sqrt() - n.sqrt()) / alpha * w
+        n.copy_(n_new)
+
+    def _bias_value(self, alpha: float, beta: float) -> float:
+        z, n = self.state["ftrl"]["bias"].tolist()
+        return 0.0 if z == 0 else -z / ((beta + n ** 0.5) / alpha)
+
+    def _bias_update(self, g: Tensor, alpha: float, beta: float) -> None:
+        b = self.state["ftrl"]["bias"]
+        w = self._bias_value(alpha, beta)
+        g = float(g)
+        n_new = b[1].item() + g * g
+        b[0] += g - (n_new ** 0.5 - b[1].item() ** 0.5) / alpha * w
+        b[1] = n_new
+
+    # -- the model's view -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Writes the weights the state stands for into the model's parameters (O(features))."""
+        state, group = self.state["ftrl"], self.param_groups[0]
+        alpha, beta = group["lr"], group["beta"]
+        w = kernels.ftrl_weights(state["features"], alpha, beta, group["l2"] * state["steps"])
+        self.weight.copy_(w.view_as(self.weight))
+        self.bias.fill_(self._bias_value(alpha, beta))
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # Optimizer.load_state_dict moves the state of each parameter to its device; ours is
+        # kept under "ftrl", not under a parameter, so it is moved here.
+        state = self.state["ftrl"]
+        for key in ("features", "bias"):
+            state[key] = state[key].to(self.weight.device)

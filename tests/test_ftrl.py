@@ -1,0 +1,184 @@
+"""FTRL-Proximal (largeml/ftrl.py) and the compiled loops under it (largeml/kernels.py): the
+loops agree with their torch twins, the sparse and dense steps agree, FTRL's fixed point is the
+documented objective's optimum, and its state round-trips through a checkpoint."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from largeml import auto, kernels, objective
+from largeml.data.sources import files
+from largeml.errors import ConfigError
+from largeml.ftrl import FTRL
+from largeml.losses import bce, hinge
+from largeml.models import Linear
+from largeml.solvers import Newton
+
+from conftest import write_sparse_shards
+
+needs_numba = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+
+
+def csr(rows: int, width: int, nnz: int, seed: int = 0) -> torch.Tensor:
+    """A CSR batch with repeated features in some rows and a few empty rows."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, nnz + 1, size=rows)
+    crow = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    cols = rng.integers(0, width, size=crow[-1]).astype(np.int32)
+    vals = rng.random(crow[-1]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols),
+                                       torch.from_numpy(vals), size=(rows, width))
+
+
+def ftrl_state(width: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    state = torch.zeros(width, 4)
+    state[:, kernels.Z] = torch.randn(width, generator=g)
+    state[:, kernels.N] = torch.rand(width, generator=g) * 3
+    state[:, kernels.SCALE] = 0.5 + torch.rand(width, generator=g)
+    state[::7, kernels.Z] = 0  # never seen
+    return state
+
+
+@needs_numba
+def test_compiled_loops_agree_with_their_torch_twins():
+    x, width = csr(300, 50, 12), 50  # 50 features: many repeats within a row
+    state = ftrl_state(width)
+    d = torch.randn(300)
+    compiled = kernels.ftrl_scores(x, state, 0.3, 0.1, 0.02, 0.5)
+    twin = kernels.ftrl_scores_torch(x, state, 0.3, 0.1, 0.02, 0.5)
+    torch.testing.assert_close(compiled, twin, rtol=1e-5, atol=1e-5)
+    a, b = state.clone(), state.clone()
+    kernels.ftrl_update(x, d, a, 0.3, 0.1, 0.02)
+    kernels.ftrl_update_torch(x, d, b, 0.3, 0.1, 0.02)
+    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=1e-5, atol=1e-6)
+    assert (a[:, kernels.GRAD] == 0).all()  # the gradient slot is left clean for the next step
+    assert not torch.equal(a, state)
+
+    w, scale = torch.randn(width), state[:, kernels.SCALE]
+    dense = x.to_dense()
+    torch.testing.assert_close(kernels.csr_matvec(x, w, scale, 0.25),
+                               dense @ (w * scale) + 0.25, rtol=1e-5, atol=1e-5)
+    out = torch.zeros(width)
+    kernels.csr_rmatvec(x, d, scale, out)
+    torch.testing.assert_close(out, (d @ dense) * scale, rtol=1e-5, atol=1e-5)
+
+
+@needs_numba
+def test_the_compiled_linear_layer_has_the_torch_layers_scores_and_gradients():
+    x = csr(200, 40, 10, seed=3)
+    model = Linear(40)
+    torch.nn.init.normal_(model.linear.weight)
+    model.input.set(torch.zeros(40), 0.5 + torch.rand(40))
+    y = (torch.rand(200) > 0.5).float()
+    bce(model(x), y).sum().backward()  # the compiled path: CSR on the CPU
+    compiled = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    bce(model(x.to_dense()), y).sum().backward()  # the dense path
+    for a, b in zip(compiled, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_sparse_and_dense_steps_take_the_same_path():
+    """The CSR step (compiled loops, or their twins) and the dense step are one algorithm."""
+    width = 30
+    batches = [(csr(64, width, 6, seed=s), (torch.rand(64) > 0.5).float()) for s in range(20)]
+    models, optimizers = [], []
+    for _ in range(2):
+        model = Linear(width)
+        model.input.set(torch.zeros(width), torch.linspace(0.5, 2, width))
+        models.append(model)
+        optimizers.append(FTRL(model.parameters(), lr=0.2, l2=1e-3))
+    for x, y in batches:
+        optimizers[0].step_batch(models[0], x, y, bce)
+        optimizers[1].step_batch(models[1], x.to_dense(), y, bce)
+    for opt in optimizers:
+        opt.settle()
+    for a, b in zip(*(m.parameters() for m in models), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert models[0].linear.weight.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss_fn", [bce, hinge])
+def test_ftrl_reaches_the_objectives_optimum(loss_fn):
+    """λ·t in FTRL's closed form makes the documented objective's optimum its fixed point:
+    after enough epochs f is where Newton (or, for the hinge, a long subgradient run) puts it."""
+    width, l2 = 40, 1e-3
+    batches = [(csr(100, width, 8, seed=s), None) for s in range(10)]
+    w_true = torch.randn(width)
+    batches = [(x, ((x @ w_true) + 0.5 * torch.randn(100) > 2).float()) for x, _ in batches]
+    model = Linear(width)
+    opt = FTRL(model.parameters(), lr=0.5, l2=l2)
+    for _ in range(300):
+        for x, y in batches:
+            opt.step_batch(model, x, y, loss_fn)
+    opt.settle()
+    f_ftrl = objective.value(model, loss_fn, batches, l2, 1000)[0]
+    reference = Linear(width)
+    if loss_fn is bce:
+        newton = Newton(reference.parameters())
+        closure = objective.FullBatch(reference, bce, batches, l2, 1000, second_order=True)
+        for _ in range(20):
+            newton.step(closure)
+    else:  # the optimum of the hinge: full-batch subgradient descent with decreasing steps
+        x = torch.cat([x.to_dense() for x, _ in batches])
+        y = torch.cat([y for _, y in batches])
+        sgd = torch.optim.SGD(reference.parameters(), lr=1.0)
+        for k in range(3000):
+            for g in sgd.param_groups:
+                g["lr"] = 1.0 / (1 + k) ** 0.5
+            sgd.zero_grad()
+            w = reference.linear.weight
+            (loss_fn(reference(x), y).mean() + 0.5 * l2 * w.pow(2).sum()).backward()
+            sgd.step()
+    f_opt = objective.value(reference, loss_fn, batches, l2, 1000)[0]
+    assert f_ftrl <= f_opt * (1 + 2e-3) + 1e-6, (f_ftrl, f_opt)
+
+
+def test_state_round_trips_and_the_next_steps_are_the_same():
+    width = 25
+    batches = [(csr(32, width, 5, seed=s), (torch.rand(32) > 0.5).float()) for s in range(6)]
+    model = Linear(width)
+    opt = FTRL(model.parameters(), lr=0.3, l2=1e-2)
+    for x, y in batches[:3]:
+        opt.step_batch(model, x, y, bce)
+    saved = {k: v.clone() if torch.is_tensor(v) else v
+             for k, v in opt.state_dict()["state"]["ftrl"].items()}
+    state_dict = opt.state_dict()
+    other = Linear(width)
+    resumed = FTRL(other.parameters(), lr=0.3, l2=1e-2)
+    resumed.load_state_dict(state_dict)
+    for x, y in batches[3:]:
+        opt.step_batch(model, x, y, bce)
+        resumed.step_batch(other, x, y, bce)
+    opt.settle()
+    resumed.settle()
+    assert torch.equal(model.linear.weight, other.linear.weight)
+    assert saved["steps"] == 3
+
+
+def test_ftrl_takes_linear_models_in_one_process():
+    from largeml.distributed import Processes
+    from largeml.trainer import _check_batch_optimizer
+
+    with pytest.raises(ValueError, match="linear model"):
+        FTRL(torch.nn.Linear(3, 4).parameters())
+    with pytest.raises(ConfigError, match="optimizer=adagrad"):
+        _check_batch_optimizer(Processes(rank=0, world_size=2, local_rank=0,
+                                         local_world_size=2), 1, None)
+    with pytest.raises(ConfigError, match="accumulate_grad_batches"):
+        _check_batch_optimizer(Processes(), 2, None)
+
+
+def test_auto_streams_large_sparse_files_with_ftrl(compose_config, tmp_path, monkeypatch):
+    data = files(str(write_sparse_shards(tmp_path / "train", 2000, 300)))
+    cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}")
+    assert auto.optimizer(cfg, data, torch.device("cpu"))[0] == "newton"  # small: held
+    monkeypatch.setattr(auto, "SPARSE_HOLD_MAX", data.held_bytes - 1)
+    auto.resolve(cfg, data, torch.device("cpu"))
+    assert cfg.optimizer._target_ == "largeml.ftrl.FTRL"
+    assert cfg.scheduler._target_ == "largeml.schedules.constant"
