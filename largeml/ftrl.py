@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largeml import kernels
-from largeml.kernels import SCALE, N, Z
+from largeml.kernels import ROOT, SCALE, Z
 from largeml.models import Linear
 
 
@@ -42,75 +42,83 @@ class FTRL(Optimizer):
 
     takes_batches = True  # the Trainer hands it batches, not gradients
 
-    def __init__(self, params, lr: float = 0.1, beta: float = 0.0, l2: float = 0.0) -> None:
+    def __init__(self, params, lr: float = 0.1, beta: float = 1.0, l2: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "beta": beta, "l2": l2})
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != 2 or params[0].dim() != 2 or params[0].shape[0] != 1:
             raise ValueError("FTRL trains a linear model (one weight row and a bias): logreg "
                              "or svm")
         self.weight, self.bias = params
-        width = self.weight.shape[1]
         device = self.weight.device
         self.state["ftrl"] = {
-            "features": torch.zeros(width, 4, device=device),
-            "bias": torch.zeros(2, dtype=torch.float64, device=device),  # z, n
-            "steps": 0,
+            "features": torch.zeros(self.weight.shape[1], kernels.WIDTH, device=device),
+            "bias": torch.zeros(2, dtype=torch.float64),  # z, √n; on the CPU, read every step
+            "rows": 0,  # rows learnt from: the t of λ·t
             "scaled": False,  # whether the model's input scale is in the state
         }
 
     # -- the step ---------------------------------------------------------------------------
 
     def step_batch(self, model: Linear, x: Tensor, y: Tensor, loss_fn) -> Tensor:
-        """One step on the mean loss over batch (x, y) + λ/2·‖w‖²; returns the per-row losses,
-        detached. `model` is the `Linear` whose parameters this optimizer holds."""
+        """Learns from batch (x, y); returns the per-row losses, detached. `model` is the
+        `Linear` whose parameters this optimizer holds."""
         state = self.state["ftrl"]
         features = state["features"]
         if not state["scaled"]:
             features[:, SCALE] = model.input.mult if model.input.active else 1.0
             state["scaled"] = True
         group = self.param_groups[0]
-        alpha, beta = group["lr"], group["beta"]
-        decay = group["l2"] * state["steps"]
+        alpha, beta, l2 = group["lr"], group["beta"], group["l2"]
+        sparse = x.layout == torch.sparse_csr
+        loss = kernels.LOSSES.get(getattr(loss_fn, "func", loss_fn))
+        if sparse and kernels.available(x) and loss is not None and not getattr(
+                loss_fn, "keywords", None):
+            losses = kernels.ftrl_rows(x, y, features, state["bias"], alpha, beta, l2,
+                                       state["rows"], loss)
+        else:
+            losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"])
+        state["rows"] += len(y)
+        return losses
+
+    def _batch_step(self, model: Linear, x: Tensor, y: Tensor, loss_fn, alpha: float,
+                    beta: float, decay: float) -> Tensor:
+        """One step for the whole batch, every row's gradient taken at the same weights: the
+        form for the GPU, dense batches and losses the compiled loop does not know."""
+        features = self.state["ftrl"]["features"]
         bias = self._bias_value(alpha, beta)
         sparse = x.layout == torch.sparse_csr
         if sparse:
             scores = kernels.ftrl_scores(x, features, alpha, beta, decay, bias)
         else:
             x = model.input(x)
-            w = kernels.ftrl_weights(features, alpha, beta, decay)
-            scores = x @ w + bias
+            scores = x @ kernels.ftrl_weights(features, alpha, beta, decay) + bias
         scores.requires_grad_()
         losses = loss_fn(scores, y)
-        (d,) = torch.autograd.grad(losses.sum() / len(y), scores)
+        (d,) = torch.autograd.grad(losses.sum(), scores)
         with torch.no_grad():
             if sparse:
                 kernels.ftrl_update(x, d, features, alpha, beta, decay)
             else:
-                self._dense_update(x, d, features, alpha, beta, decay)
-            self._bias_update(d.sum(), alpha, beta)
-        state["steps"] += 1
+                g = d @ x  # x is already scaled by the model's input map
+                z, root = features[:, Z], features[:, ROOT]
+                w = kernels.ftrl_weights(features, alpha, beta, decay)
+                root_new = (root * root + g * g).sqrt()
+                z += g - (root_new - root) / alpha * w
+                root.copy_(root_new)
+            self._bias_update(float(d.sum()), alpha, beta)
         return losses.detach()
 
-    def _dense_update(self, x: Tensor, d: Tensor, features: Tensor, alpha: float, beta: float,
-                      decay: float) -> None:
-        g = d @ x  # x is already scaled by the model's input map
-        z, n = features[:, Z], features[:, N]
-        w = kernels.ftrl_weights(features, alpha, beta, decay)
-        n_new = n + g * g
-        z += g - (n_new.sqrt() - n.sqrt()) / alpha * w
-        n.copy_(n_new)
-
     def _bias_value(self, alpha: float, beta: float) -> float:
-        z, n = self.state["ftrl"]["bias"].tolist()
-        return 0.0 if z == 0 else -z / ((beta + n ** 0.5) / alpha)
+        z, root = self.state["ftrl"]["bias"].tolist()
+        return 0.0 if z == 0 else -z / ((beta + root) / alpha)
 
-    def _bias_update(self, g: Tensor, alpha: float, beta: float) -> None:
+    def _bias_update(self, g: float, alpha: float, beta: float) -> None:
         b = self.state["ftrl"]["bias"]
+        z, root = b.tolist()
         w = self._bias_value(alpha, beta)
-        g = float(g)
-        n_new = b[1].item() + g * g
-        b[0] += g - (n_new ** 0.5 - b[1].item() ** 0.5) / alpha * w
-        b[1] = n_new
+        root_new = (root * root + g * g) ** 0.5
+        b[0] = z + g - (root_new - root) / alpha * w
+        b[1] = root_new
 
     # -- the model's view -------------------------------------------------------------------
 
@@ -119,7 +127,7 @@ class FTRL(Optimizer):
         """Writes the weights the state stands for into the model's parameters (O(features))."""
         state, group = self.state["ftrl"], self.param_groups[0]
         alpha, beta = group["lr"], group["beta"]
-        w = kernels.ftrl_weights(state["features"], alpha, beta, group["l2"] * state["steps"])
+        w = kernels.ftrl_weights(state["features"], alpha, beta, group["l2"] * state["rows"])
         self.weight.copy_(w.view_as(self.weight))
         self.bias.fill_(self._bias_value(alpha, beta))
 
@@ -128,5 +136,5 @@ class FTRL(Optimizer):
         # Optimizer.load_state_dict moves the state of each parameter to its device; ours is
         # kept under "ftrl", not under a parameter, so it is moved here.
         state = self.state["ftrl"]
-        for key in ("features", "bias"):
-            state[key] = state[key].to(self.weight.device)
+        state["features"] = state["features"].to(self.weight.device)
+        state["bias"] = state["bias"].cpu()

@@ -3,29 +3,37 @@
 A sparse linear step touches each non-zero a few times, each time at a random feature: gathers
 and scatters. As separate torch ops each is one pass over the batch at ~3 ns a non-zero on this
 2-core CPU (index_select, index_add_, index_put_: 0.5-0.9 ms for 164 k non-zeros), and a step
-of FTRL with its state takes about twenty of them. Here the same step is two loops, over a
+of FTRL with its state takes about twenty of them. Here the same step is one loop, over a
 state laid out feature by feature (`(n_features, 4)`: one cache line holds all of a feature's
 numbers), which is what makes the sparse path fast on the CPU.
 
-Every function has a torch twin (`*_torch`) that computes the same numbers with index ops: it is
-what runs on CUDA, and on the CPU without numba (`pip install largeml[sparse]` adds it); the
-tests check the two agree.
+The plain linear score and its gradient (`csr_matvec`, `csr_rmatvec`) fall back to torch index
+ops on CUDA and without numba (`pip install largeml[sparse]` adds it), with the same numbers.
+FTRL's compiled loop goes row by row (`ftrl_rows`), as the paper and Vowpal Wabbit do: a row's
+features are updated right after its score is read, while their state is in the cache, which
+halves the memory traffic of a batch step. Its torch form (`ftrl_scores`, `ftrl_update`) takes
+one step per batch, for the GPU, whose threads want whole batches.
 """
 
 import math
 
+import numpy as np
+
 import torch
 from torch import Tensor
+
+from largeml import losses
 
 try:
     import numba
 except ImportError:  # the torch twins do the same work, slower
     numba = None
 
-# Columns of the FTRL state: z (the lazily regularised gradient sum), n (the sum of squared
-# gradients), the feature's scale (the model's input map, folded in) and the gradient of the
-# current step, accumulated over the batch's non-zeros.
-Z, N, SCALE, GRAD = range(4)
+# Columns of the FTRL state: z (the lazily regularised gradient sum), √n (the root of the sum of
+# squared gradients: stored as a root, a score costs no square root) and the feature's scale (the model's input map, folded in); the fourth is padding,
+# so that a feature's numbers sit in one aligned 16-byte cell.
+Z, ROOT, SCALE = range(3)
+WIDTH = 4
 
 
 def available(x: Tensor) -> bool:
@@ -33,46 +41,66 @@ def available(x: Tensor) -> bool:
     return numba is not None and x.device.type == "cpu"
 
 
+# The losses the compiled FTRL loop knows (`LOSSES[loss_fn]`): it needs each row's loss and its
+# derivative in the loop, between the row's score and its update.
+BCE, HINGE, SQUARED_HINGE = range(3)
+LOSSES = {losses.bce: BCE, losses.hinge: HINGE, losses.squared_hinge: SQUARED_HINGE}
+
+
 if numba is not None:
     _jit = numba.njit(cache=True, nogil=True)
-    _pjit = numba.njit(cache=True, nogil=True, parallel=True)
-
-    @_pjit
-    def _ftrl_scores(crow, cols, vals, state, alpha, beta, decay, bias, out):  # pragma: no cover
-        for r in numba.prange(len(crow) - 1):
-            s = 0.0
-            for i in range(crow[r], crow[r + 1]):
-                c = cols[i]
-                z = state[c, 0]
-                if z != 0.0:
-                    s -= z / ((beta + math.sqrt(state[c, 1])) / alpha + decay) \
-                        * state[c, 2] * vals[i]
-            out[r] = s + bias
 
     @_jit
-    def _ftrl_update(crow, cols, vals, d, state, alpha, beta, decay):  # pragma: no cover
-        for r in range(len(crow) - 1):
-            dr = d[r]
-            for i in range(crow[r], crow[r + 1]):
-                c = cols[i]
-                state[c, 3] += dr * state[c, 2] * vals[i]
-        # A feature met twice in the batch is updated at its first meeting; the second finds
-        # its gradient zeroed, and a zero gradient changes nothing in FTRL.
-        for i in range(len(cols)):
-            c = cols[i]
-            g = state[c, 3]
-            if g != 0.0:
-                z, n = state[c, 0], state[c, 1]
-                root = math.sqrt(n)
-                w = -z / ((beta + root) / alpha + decay) if z != 0.0 else 0.0
-                n += g * g
-                state[c, 0] = z + g - (math.sqrt(n) - root) / alpha * w
-                state[c, 1] = n
-                state[c, 3] = 0.0
+    def _weight(z, root, alpha, beta, decay):  # pragma: no cover
+        return 0.0 if z == 0.0 else -z / ((beta + root) / alpha + decay)
 
-    @_pjit
+    @_jit
+    def _ftrl_rows(crow, cols, vals, y, state, bias, alpha, beta, l2, rows_before, loss,
+                   out):  # pragma: no cover
+        longest = 0
+        for r in range(len(crow) - 1):
+            longest = max(longest, crow[r + 1] - crow[r])
+        weights = np.empty(longest, np.float32)  # the row's weights, read once per row
+        for r in range(len(crow) - 1):
+            decay = l2 * (rows_before + r)
+            s = _weight(bias[0], bias[1], alpha, beta, 0.0)
+            lo = crow[r]
+            for i in range(lo, crow[r + 1]):
+                c = cols[i]
+                w = _weight(state[c, 0], state[c, 1], alpha, beta, decay)
+                weights[i - lo] = w
+                s += w * state[c, 2] * vals[i]
+            t = 2.0 * y[r] - 1.0
+            m = t * s
+            if loss == 0:  # log(1 + exp(−m)), stably; d = σ(s) − y
+                out[r] = max(-m, 0.0) + math.log1p(math.exp(-abs(m)))
+                d = 1.0 / (1.0 + math.exp(-s)) - y[r]
+            elif loss == 1:
+                out[r] = max(1.0 - m, 0.0)
+                d = -t if m < 1.0 else 0.0
+            else:
+                out[r] = max(1.0 - m, 0.0) ** 2
+                d = -2.0 * t * max(1.0 - m, 0.0)
+            if d == 0.0:
+                continue  # nothing to learn from this row; its L2 is in `decay`
+            # The row's features were just read: their state is in the cache for the update.
+            # (A feature twice in a row: its second update starts from the first's state but
+            # with the weight the score was taken at, as a batch step would.)
+            for i in range(lo, crow[r + 1]):
+                c = cols[i]
+                g = d * state[c, 2] * vals[i]
+                root = state[c, 1]
+                root_new = math.sqrt(root * root + g * g)
+                state[c, 0] += g - (root_new - root) / alpha * weights[i - lo]
+                state[c, 1] = root_new
+            w = _weight(bias[0], bias[1], alpha, beta, 0.0)
+            root_new = math.sqrt(bias[1] * bias[1] + d * d)
+            bias[0] += d - (root_new - bias[1]) / alpha * w
+            bias[1] = root_new
+
+    @_jit
     def _csr_matvec(crow, cols, vals, w, scale, bias, out):  # pragma: no cover
-        for r in numba.prange(len(crow) - 1):
+        for r in range(len(crow) - 1):
             s = 0.0
             for i in range(crow[r], crow[r + 1]):
                 c = cols[i]
@@ -95,54 +123,47 @@ def _parts(x: Tensor):
 # -- FTRL-Proximal on a linear score: state rows are features ----------------------------------
 
 def ftrl_weights(state: Tensor, alpha: float, beta: float, decay: float) -> Tensor:
-    """w = −z / ((β + √n) / α + decay) for every feature (decay = λ·steps, see largeml.ftrl);
+    """w = −z / ((β + √n) / α + decay) for every feature (decay = λ·rows, see largeml.ftrl);
     0 for a feature never seen (z = 0), also where β = decay = 0."""
     z = state[:, Z]
-    return torch.where(z == 0, 0.0, -z / ((beta + state[:, N].sqrt()) / alpha + decay))
+    return torch.where(z == 0, 0.0, -z / ((beta + state[:, ROOT]) / alpha + decay))
+
+
+def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, bias: Tensor, alpha: float, beta: float,
+              l2: float, rows_before: int, loss: int) -> Tensor:
+    """FTRL over the rows of CSR batch `x` one at a time (each row's score, its loss `loss`, its
+    update), as the paper and Vowpal Wabbit do; returns the rows' losses. Compiled only."""
+    out = torch.empty(len(y))
+    _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), bias.numpy(), alpha, beta, l2,
+               rows_before, loss, out.numpy())
+    return out
 
 
 def ftrl_scores(x: Tensor, state: Tensor, alpha: float, beta: float, decay: float,
                 bias: float) -> Tensor:
-    """The scores of CSR batch `x` at the weights `state` stands for, computed from the state."""
-    if available(x):
-        out = torch.empty(x.shape[0])
-        _ftrl_scores(*_parts(x), state.numpy(), alpha, beta, decay, bias, out.numpy())
-        return out
-    return ftrl_scores_torch(x, state, alpha, beta, decay, bias)
-
-
-def ftrl_scores_torch(x: Tensor, state: Tensor, alpha: float, beta: float, decay: float,
-                      bias: float) -> Tensor:
+    """The scores of CSR batch `x` at the weights `state` stands for (torch ops, any device)."""
     cols = x.col_indices()
     s = state[cols]
-    w = torch.where(s[:, Z] == 0, 0.0, -s[:, Z] / ((beta + s[:, N].sqrt()) / alpha + decay))
+    w = torch.where(s[:, Z] == 0, 0.0, -s[:, Z] / ((beta + s[:, ROOT]) / alpha + decay))
     per = w * s[:, SCALE] * x.values()
     return torch.segment_reduce(per, "sum", offsets=x.crow_indices()) + bias
 
 
 def ftrl_update(x: Tensor, d: Tensor, state: Tensor, alpha: float, beta: float,
                 decay: float) -> None:
-    """One FTRL-Proximal step on `state` from ∂loss/∂score `d` of each row of CSR batch `x`."""
-    if available(x):
-        _ftrl_update(*_parts(x), d.numpy(), state.numpy(), alpha, beta, decay)
-    else:
-        ftrl_update_torch(x, d, state, alpha, beta, decay)
-
-
-def ftrl_update_torch(x: Tensor, d: Tensor, state: Tensor, alpha: float, beta: float,
-                      decay: float) -> None:
+    """One FTRL step on `state` for the whole CSR batch `x` (torch ops, any device): g_j is the
+    gradient of the batch's summed loss, from ∂loss/∂score `d` of each row."""
     cols = x.col_indices().long()
     rows = torch.repeat_interleave(d, x.crow_indices().diff())
     grad = torch.zeros(state.shape[0], dtype=state.dtype, device=state.device)
     grad.index_add_(0, cols, rows * state[cols, SCALE] * x.values())
     # Each feature's new z and n computed once per non-zero from the old ones: a feature met
     # twice gets the same values written twice.
-    g, z, n = grad[cols], state[cols, Z], state[cols, N]
-    root = n.sqrt()
+    g, z, root = grad[cols], state[cols, Z], state[cols, ROOT]
     w = torch.where(z == 0, 0.0, -z / ((beta + root) / alpha + decay))
-    n_new = n + g * g
-    state[cols, Z] = z + g - (n_new.sqrt() - root) / alpha * w
-    state[cols, N] = n_new
+    root_new = (root * root + g * g).sqrt()
+    state[cols, Z] = z + g - (root_new - root) / alpha * w
+    state[cols, ROOT] = root_new
 
 
 # -- a plain linear score and its gradient, for evaluation and the objective -------------------

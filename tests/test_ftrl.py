@@ -2,6 +2,7 @@
 loops agree with their torch twins, the sparse and dense steps agree, FTRL's fixed point is the
 documented objective's optimum, and its state round-trips through a checkpoint."""
 
+import functools
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from largeml import auto, kernels, objective
 from largeml.data.sources import files
 from largeml.errors import ConfigError
 from largeml.ftrl import FTRL
-from largeml.losses import bce, hinge
+from largeml.losses import bce, hinge, squared_hinge
 from largeml.models import Linear
 from largeml.solvers import Newton
 
@@ -34,32 +35,61 @@ def csr(rows: int, width: int, nnz: int, seed: int = 0) -> torch.Tensor:
                                        torch.from_numpy(vals), size=(rows, width))
 
 
-def ftrl_state(width: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    state = torch.zeros(width, 4)
-    state[:, kernels.Z] = torch.randn(width, generator=g)
-    state[:, kernels.N] = torch.rand(width, generator=g) * 3
-    state[:, kernels.SCALE] = 0.5 + torch.rand(width, generator=g)
-    state[::7, kernels.Z] = 0  # never seen
-    return state
+def reference_rows(x, y, state, bias, alpha, beta, l2, rows_before, loss_fn):
+    """FTRL row by row, in plain Python: what the compiled loop must compute."""
+    crow, cols, vals = x.crow_indices().tolist(), x.col_indices().tolist(), x.values().tolist()
+    state, bias = state.double().clone(), bias.clone()
+
+    def weight(z, root, decay):
+        return 0.0 if z == 0 else -z / ((beta + root) / alpha + decay)
+
+    losses = []
+    for r in range(len(y)):
+        decay = l2 * (rows_before + r)
+        span = range(crow[r], crow[r + 1])
+        ws = [weight(state[cols[i], 0].item(), state[cols[i], 1].item(), decay) for i in span]
+        s = weight(bias[0].item(), bias[1].item(), 0.0) + sum(
+            w * state[cols[i], 2].item() * vals[i] for w, i in zip(ws, span, strict=True))
+        score = torch.tensor(s, dtype=torch.float64, requires_grad=True)
+        loss = loss_fn(score, y[r].double())
+        (d,) = torch.autograd.grad(loss, score)
+        losses.append(loss.item())
+        for w, i in zip(ws, span, strict=True):
+            c = cols[i]
+            g = d.item() * state[c, 2].item() * vals[i]
+            root = state[c, 1].item()
+            state[c, 0] += g - ((root ** 2 + g ** 2) ** 0.5 - root) / alpha * w
+            state[c, 1] = (root ** 2 + g ** 2) ** 0.5
+        g, root = d.item(), bias[1].item()
+        w = weight(bias[0].item(), root, 0.0)
+        bias[0] += g - ((root ** 2 + g ** 2) ** 0.5 - root) / alpha * w
+        bias[1] = (root ** 2 + g ** 2) ** 0.5
+    return torch.tensor(losses, dtype=torch.float64), state, bias
 
 
 @needs_numba
-def test_compiled_loops_agree_with_their_torch_twins():
-    x, width = csr(300, 50, 12), 50  # 50 features: many repeats within a row
-    state = ftrl_state(width)
-    d = torch.randn(300)
-    compiled = kernels.ftrl_scores(x, state, 0.3, 0.1, 0.02, 0.5)
-    twin = kernels.ftrl_scores_torch(x, state, 0.3, 0.1, 0.02, 0.5)
-    torch.testing.assert_close(compiled, twin, rtol=1e-5, atol=1e-5)
-    a, b = state.clone(), state.clone()
-    kernels.ftrl_update(x, d, a, 0.3, 0.1, 0.02)
-    kernels.ftrl_update_torch(x, d, b, 0.3, 0.1, 0.02)
-    torch.testing.assert_close(a[:, :3], b[:, :3], rtol=1e-5, atol=1e-6)
-    assert (a[:, kernels.GRAD] == 0).all()  # the gradient slot is left clean for the next step
-    assert not torch.equal(a, state)
+@pytest.mark.parametrize("loss_fn", [bce, hinge, squared_hinge])
+def test_the_compiled_loop_is_ftrl_row_by_row(loss_fn):
+    x, width = csr(60, 20, 6), 20  # 20 features: repeats within rows and across them
+    g = torch.Generator().manual_seed(1)
+    state = torch.zeros(width, kernels.WIDTH)
+    state[:, kernels.Z] = 0.1 * torch.randn(width, generator=g)
+    state[:, kernels.ROOT] = torch.rand(width, generator=g)
+    state[:, kernels.SCALE] = 0.5 + torch.rand(width, generator=g)
+    state[::5, kernels.Z] = 0  # never seen
+    bias = torch.tensor([0.2, 0.5], dtype=torch.float64)
+    y = (torch.rand(60, generator=g) > 0.5).float()
+    expected = reference_rows(x, y, state, bias, 0.3, 1.0, 0.01, 7, loss_fn)
+    losses = kernels.ftrl_rows(x, y, state, bias, 0.3, 1.0, 0.01, 7, kernels.LOSSES[loss_fn])
+    torch.testing.assert_close(losses.double(), expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state[:, :3].double(), expected[1][:, :3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bias, expected[2], rtol=1e-6, atol=1e-8)
 
-    w, scale = torch.randn(width), state[:, kernels.SCALE]
+
+@needs_numba
+def test_compiled_scores_and_gradients_agree_with_dense_algebra():
+    x, width = csr(300, 50, 12), 50
+    d, w, scale = torch.randn(300), torch.randn(50), 0.5 + torch.rand(50)
     dense = x.to_dense()
     torch.testing.assert_close(kernels.csr_matvec(x, w, scale, 0.25),
                                dense @ (w * scale) + 0.25, rtol=1e-5, atol=1e-5)
@@ -83,8 +113,12 @@ def test_the_compiled_linear_layer_has_the_torch_layers_scores_and_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_sparse_and_dense_steps_take_the_same_path():
-    """The CSR step (compiled loops, or their twins) and the dense step are one algorithm."""
+def bce_with(scores, targets, scale):
+    return bce(scale * scores, targets)
+
+
+def test_sparse_and_dense_batch_steps_take_the_same_path():
+    """FTRL's batch form (the GPU's) on CSR batches and on dense ones is one algorithm."""
     width = 30
     batches = [(csr(64, width, 6, seed=s), (torch.rand(64) > 0.5).float()) for s in range(20)]
     models, optimizers = [], []
@@ -93,8 +127,8 @@ def test_sparse_and_dense_steps_take_the_same_path():
         model.input.set(torch.zeros(width), torch.linspace(0.5, 2, width))
         models.append(model)
         optimizers.append(FTRL(model.parameters(), lr=0.2, l2=1e-3))
-    for x, y in batches:
-        optimizers[0].step_batch(models[0], x, y, bce)
+    for x, y in batches:  # a loss with keywords takes the batch form on CSR too
+        optimizers[0].step_batch(models[0], x, y, functools.partial(bce_with, scale=1.0))
         optimizers[1].step_batch(models[1], x.to_dense(), y, bce)
     for opt in optimizers:
         opt.settle()
@@ -125,16 +159,17 @@ def test_ftrl_reaches_the_objectives_optimum(loss_fn):
         for _ in range(20):
             newton.step(closure)
     else:  # the optimum of the hinge: full-batch subgradient descent with decreasing steps
-        x = torch.cat([x.to_dense() for x, _ in batches])
-        y = torch.cat([y for _, y in batches])
-        sgd = torch.optim.SGD(reference.parameters(), lr=1.0)
-        for k in range(3000):
-            for g in sgd.param_groups:
-                g["lr"] = 1.0 / (1 + k) ** 0.5
-            sgd.zero_grad()
-            w = reference.linear.weight
-            (loss_fn(reference(x), y).mean() + 0.5 * l2 * w.pow(2).sum()).backward()
-            sgd.step()
+        x = torch.cat([x.to_dense() for x, _ in batches]).double().numpy()
+        t = 2 * torch.cat([y for _, y in batches]).double().numpy() - 1
+        w, b = np.zeros(width), 0.0
+        for k in range(4000):
+            active = t * (x @ w + b) < 1
+            step = 1.0 / (1 + k) ** 0.5
+            w -= step * (-(t[active] @ x[active]) / len(t) + l2 * w)
+            b -= step * -t[active].sum() / len(t)
+        with torch.no_grad():
+            reference.linear.weight.copy_(torch.from_numpy(w).view(1, -1))
+            reference.linear.bias.fill_(b)
     f_opt = objective.value(reference, loss_fn, batches, l2, 1000)[0]
     assert f_ftrl <= f_opt * (1 + 2e-3) + 1e-6, (f_ftrl, f_opt)
 
@@ -158,7 +193,7 @@ def test_state_round_trips_and_the_next_steps_are_the_same():
     opt.settle()
     resumed.settle()
     assert torch.equal(model.linear.weight, other.linear.weight)
-    assert saved["steps"] == 3
+    assert saved["rows"] == 3 * 32
 
 
 def test_ftrl_takes_linear_models_in_one_process():
