@@ -29,9 +29,10 @@ try:
 except ImportError:  # the torch twins do the same work, slower
     numba = None
 
-# Columns of the FTRL state: z (the lazily regularised gradient sum), √n (the root of the sum of
-# squared gradients: stored as a root, a score costs no square root) and the feature's scale (the model's input map, folded in); the fourth is padding,
-# so that a feature's numbers sit in one aligned 16-byte cell.
+# Columns of the FTRL state: z (the lazily regularised gradient sum), √n (the root of the sum
+# of squared gradients, stored as a root so that a score costs no square root) and the
+# feature's scale (the model's input map, folded in); the fourth is padding, so that a
+# feature's numbers sit in one aligned 16-byte cell.
 Z, ROOT, SCALE = range(3)
 WIDTH = 4
 
