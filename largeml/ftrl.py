@@ -6,26 +6,30 @@ gradients summed); the weight is a closed form of them,
 
     w_j = −z_j / ((β + √n_j) / α + λ·t)
 
-after t steps, and a step with batch gradient g_j (of the batch's mean loss) does
+after t rows, and learning from gradient g_j does
 
     σ = (√(n_j + g_j²) − √n_j) / α,   z_j += g_j − σ·w_j,   n_j += g_j².
 
 A feature absent from a batch has g_j = 0, which changes neither z_j nor n_j: only the features
 present are touched, and nothing is owed to the others. The L2 term is where this FTRL differs
-from the paper's: λ·t, not a constant. After t steps FTRL minimises Σ_s g_s·w + the proximal
+from the paper's: λ·t, not a constant. After t rows FTRL minimises Σ_s g_s·w + the proximal
 terms + r_t(w); with r_t = t·λ/2·‖w‖² that is t times the documented objective, mean loss +
 λ/2·‖w‖², linearised, so a fixed point has ∇loss + λw = 0: the optimum of the objective the rest
 of largeml minimises (`largeml.objective`), reached exactly, with no per-step decay of the
 absent features (tests/test_ftrl.py checks it against the Newton solver).
 
-The state is one (n_features, 4) tensor, feature by feature (see `largeml.kernels`): z, n, the
-feature's scale (the model's input map, folded into the step) and a gradient slot. The model's
-own weights are written from it by `settle()`, which the Trainer calls before anything reads
-the model (validation, checkpoints, the end of training). The bias has the same FTRL step,
-without L2.
+The state is one (n_features, 2) tensor, feature by feature (z and √n side by side: one cache
+line holds a feature's state; see `largeml.kernels`); the model's input map scales the values
+inside the step. On the CPU (with numba) a batch is learnt row by row, as in the paper and in
+Vowpal Wabbit: each row's score, loss and update in one compiled loop; on the GPU, for dense
+batches and for losses that loop does not know, in one step per batch, all rows' gradients
+taken at the same weights. Either way t counts rows and the gradients are of the rows' summed
+loss, so the two forms share a state and a fixed point. The model's own weights are written
+from the state by `settle()`, which the Trainer calls before anything reads the model
+(validation, checkpoints, the end of training). The bias has the same FTRL step, without L2.
 
-`lr` is α. Its default is the paper's suggestion for features scaled to about [−1, 1] (which
-`data.scale=auto` gives); β = 1 keeps the first steps bounded.
+`lr` is α, a feature's first step, for features scaled to about [−1, 1] (which `data.scale=auto`
+gives); β = 1, the paper's suggestion, keeps the first steps bounded.
 """
 
 import torch
@@ -33,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largeml import kernels
-from largeml.kernels import ROOT, SCALE, Z
+from largeml.kernels import ROOT, Z
 from largeml.models import Linear
 
 
@@ -42,7 +46,7 @@ class FTRL(Optimizer):
 
     takes_batches = True  # the Trainer hands it batches, not gradients
 
-    def __init__(self, params, lr: float = 0.1, beta: float = 1.0, l2: float = 0.0) -> None:
+    def __init__(self, params, lr: float = 0.3, beta: float = 1.0, l2: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "beta": beta, "l2": l2})
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != 2 or params[0].dim() != 2 or params[0].shape[0] != 1:
@@ -54,7 +58,6 @@ class FTRL(Optimizer):
             "features": torch.zeros(self.weight.shape[1], kernels.WIDTH, device=device),
             "bias": torch.zeros(2, dtype=torch.float64),  # z, √n; on the CPU, read every step
             "rows": 0,  # rows learnt from: the t of λ·t
-            "scaled": False,  # whether the model's input scale is in the state
         }
 
     # -- the step ---------------------------------------------------------------------------
@@ -64,16 +67,15 @@ class FTRL(Optimizer):
         `Linear` whose parameters this optimizer holds."""
         state = self.state["ftrl"]
         features = state["features"]
-        if not state["scaled"]:
-            features[:, SCALE] = model.input.mult if model.input.active else 1.0
-            state["scaled"] = True
+        # The model's input map (fitted before the first step) scales each feature's values.
+        scale = model.input.mult if model.input.active else None
         group = self.param_groups[0]
         alpha, beta, l2 = group["lr"], group["beta"], group["l2"]
         sparse = x.layout == torch.sparse_csr
         loss = kernels.LOSSES.get(getattr(loss_fn, "func", loss_fn))
         if sparse and kernels.available(x) and loss is not None and not getattr(
                 loss_fn, "keywords", None):
-            losses = kernels.ftrl_rows(x, y, features, state["bias"], alpha, beta, l2,
+            losses = kernels.ftrl_rows(x, y, features, scale, state["bias"], alpha, beta, l2,
                                        state["rows"], loss)
         else:
             losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"])
@@ -84,11 +86,11 @@ class FTRL(Optimizer):
                     beta: float, decay: float) -> Tensor:
         """One step for the whole batch, every row's gradient taken at the same weights: the
         form for the GPU, dense batches and losses the compiled loop does not know."""
-        features = self.state["ftrl"]["features"]
+        features, scale = self.state["ftrl"]["features"], model.input.mult
         bias = self._bias_value(alpha, beta)
         sparse = x.layout == torch.sparse_csr
         if sparse:
-            scores = kernels.ftrl_scores(x, features, alpha, beta, decay, bias)
+            scores = kernels.ftrl_scores(x, features, scale, alpha, beta, decay, bias)
         else:
             x = model.input(x)
             scores = x @ kernels.ftrl_weights(features, alpha, beta, decay) + bias
@@ -97,7 +99,7 @@ class FTRL(Optimizer):
         (d,) = torch.autograd.grad(losses.sum(), scores)
         with torch.no_grad():
             if sparse:
-                kernels.ftrl_update(x, d, features, alpha, beta, decay)
+                kernels.ftrl_update(x, d, features, scale, alpha, beta, decay)
             else:
                 g = d @ x  # x is already scaled by the model's input map
                 z, root = features[:, Z], features[:, ROOT]

@@ -370,7 +370,7 @@ class Trainer:
             return self._last_val
         with self._paused():
             self._settle()
-            metrics = self._objective()
+            metrics = self._objective() if self._objective_wanted() else {}
             if self.data.val is not None:
                 scores, targets = self.scores(self.data.val)
                 metrics.update({f"val/{k}": v for k, v in self._metrics(scores, targets).items()})
@@ -383,6 +383,13 @@ class Trainer:
         self.logger.write_metrics(self._final_metrics(metrics))
         log.info("step %d epoch %d: %s", self.step, self.epoch, _format(metrics))
         return metrics
+
+    def _objective_wanted(self) -> bool:
+        """Whether this validation measures f over the training rows: always for a full-batch
+        solver (its closure has it), at every validation when the stopping rule needs it
+        (tol > 0), else (tol = 0: train to the cap) only at the end, since for a streaming
+        optimizer it is one more pass over the training rows per validation."""
+        return self.full_batch or self.tol > 0 or self.step >= self.total_steps
 
     def _objective(self) -> dict[str, float]:
         """f (the documented loss) and the relative gradient norm of what the solver minimises,
@@ -570,15 +577,18 @@ class Trainer:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    def _loader(self, dataset: BatchDataset) -> DataLoader:
+    def _loader(self, dataset: BatchDataset) -> Iterable[Batch]:
         # Items are whole batches (batch_size=None); pinned host memory lets the copy to the
         # GPU run asynchronously (non_blocking=True above). Resident batches are on the device
         # already: nothing to pin, nothing for workers to read.
+        # Read in this process for the CPU, the batches need nothing a DataLoader adds, and its
+        # per-batch bookkeeping (a profiler range, the GIL taken back from the reader thread)
+        # cost 0.3 ms a batch: a third of a sparse FTRL step of 1024 rows.
+        if self.data.num_workers == 0 and (self.data.resident or self.device.type == "cpu"):
+            return dataset
         # A DataLoader draws a seed for its workers from the global RNG unless given a generator
         # of its own; that draw would shift dropout's random numbers after a resume.
         generator = torch.Generator().manual_seed(0)
-        if self.data.resident:
-            return DataLoader(dataset, batch_size=None, generator=generator)
         return DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
                           pin_memory=self.device.type == "cuda", generator=generator)
 
