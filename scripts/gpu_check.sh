@@ -2,7 +2,8 @@
 # The one prepared command for a machine with a GPU (at most ~8 minutes on one GPU):
 #   bash scripts/gpu_check.sh [REPORT_DIR]
 # installs the project if needed, runs every GPU-marked test, then a short GPU benchmark
-# (full-batch Newton on device-resident data; streaming rows to the GPU against a pinned copy),
+# (full-batch Newton on device-resident data; streaming rows to the GPU against a pinned copy;
+# sparse FTRL on CSR batches moved to the GPU against the H2D copy of the same bytes),
 # and writes REPORT_DIR/gpu_report.md (default: $OUT if set, else outputs/gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$report_
 timeout 300 python -m pytest -m gpu -v -p no:cacheprovider tests/test_gpu.py \
   > "$report_dir/gpu_tests.txt" 2>&1
 tests=$?
-timeout 180 python scripts/bench_gpu.py --rows 1000000 --stream-rows 2000000 \
+timeout 240 python scripts/bench_gpu.py --rows 1000000 --stream-rows 2000000 --sparse-rows 500000 \
   --out "$report_dir/gpu_bench.md" > "$report_dir/gpu_bench.txt" 2>&1
 bench=$?
 {
