@@ -45,12 +45,14 @@ benchmark, not a test: timings depend on the machine and on what else runs on it
 
 import argparse
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +65,15 @@ CLICK_ZIPF = 1.2
 CLICK_WEIGHT_STD = 0.5
 CLICK_POSITIVE_RATE = 0.25
 CHUNK_ROWS = 50_000
+# A generated block of rows: indices (n, k), values (n, k), labels (n,), the generating rule's
+# decision (n,), every row with k non-zeros.
+Block = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 PEERS = {"sklearn": "scikit-learn", "scipy": "scipy", "vowpalwabbit": "vowpalwabbit"}
 
 
 # --- data -------------------------------------------------------------------------------------
 
-def uniform_chunks(seed: int, rows: int, features: int, nnz: int):
+def uniform_chunks(seed: int, rows: int, features: int, nnz: int) -> Iterator[Block]:
     """Yields (indices (n, nnz) sorted per row, values (n, nnz), y (n,), the generating rule's
     decision) blocks of the uniform set: distinct features a row, drawn uniformly; labels from
     the sign of x.w (so the rule's decision is y itself)."""
@@ -97,7 +102,8 @@ def click_fields(vocab_max: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarra
     return sizes, offsets, cdfs
 
 
-def click_indices(rng: np.random.Generator, n: int, offsets, cdfs) -> np.ndarray:
+def click_indices(rng: np.random.Generator, n: int, offsets: np.ndarray,
+                  cdfs: list[np.ndarray]) -> np.ndarray:
     u = rng.random((n, len(cdfs)))
     ranks = [np.minimum(np.searchsorted(cdf, u[:, j], side="right"), len(cdf) - 1)
              for j, cdf in enumerate(cdfs)]
@@ -117,7 +123,7 @@ def click_bias(vocab_max: int, w: np.ndarray) -> float:
     return (low + high) / 2
 
 
-def click_chunks(seed: int, rows: int, vocab_max: int):
+def click_chunks(seed: int, rows: int, vocab_max: int) -> Iterator[Block]:
     """Yields (indices (n, fields), values, y, Bayes decision) blocks of the click-like set."""
     sizes, offsets, cdfs = click_fields(vocab_max)
     w = (CLICK_WEIGHT_STD * np.random.default_rng(SEED + 1).standard_normal(sizes.sum()))
@@ -204,7 +210,7 @@ def generate(root: Path, kind: str, args: argparse.Namespace) -> dict:
     return meta
 
 
-def load_csr(shard_dir: Path):
+def load_csr(shard_dir: Path) -> tuple["scipy.sparse.csr_matrix", np.ndarray]:
     """A shard directory as (scipy CSR float32, labels in {0, 1}), read with numpy alone (the
     format is plain .npy files; see largeml/data/shards.py), so a peer's process holds no torch."""
     import scipy.sparse
@@ -518,7 +524,11 @@ def main() -> None:
         return
     check_peers()
     extra = shlex.split(args.largeml_args)
-    everything = {"args": {k: str(v) for k, v in vars(args).items()}, "datasets": {}}
+    version = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=REPO,
+                             capture_output=True, text=True).stdout.strip() or "unknown"
+    print(f"largeml at {version}; {os.cpu_count()} CPUs\n", flush=True)
+    everything = {"args": {k: str(v) for k, v in vars(args).items()}, "largeml_version": version,
+                  "datasets": {}}
     for kind in args.datasets.split(","):
         if kind not in ("uniform", "clicks"):
             sys.exit(f"bench_sparse: --datasets: unknown set {kind!r}; use uniform and/or clicks")
