@@ -79,7 +79,7 @@ class FTRL(Optimizer):
                                        state["rows"], loss)
         else:
             losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"])
-        state["rows"] += len(y)
+        state["rows"] += y.shape[0]
         return losses
 
     def _batch_step(self, model: Linear, x: Tensor, y: Tensor, loss_fn, alpha: float,

@@ -298,16 +298,17 @@ class Trainer:
         solver one step of it over the held training rows. Returns the summed per-row loss,
         detached. With `grad_norm`, keeps the gradient's global L2 norm (before clipping) for
         the log."""
-        self.model.train()
-        if self.takes_batches:
-            total = torch.zeros((), device=self.device)
-            for x, y in batches:  # one: _check_batch_optimizer allows no accumulation
-                x = x.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True)
-                losses = self.optimizer.step_batch(self.module, x, y, self.loss_fn)
-                total += losses.sum()
-            self.batch_in_epoch += len(batches)
-        elif self.full_batch:
+        if not self.module.training:  # validation left it in eval mode
+            self.model.train()
+        if self.takes_batches:  # FTRL: no gradients here to clip, measure or zero
+            x, y = batches[0]  # one: _check_batch_optimizer allows no accumulation
+            losses = self.optimizer.step_batch(self.module, x.to(self.device, non_blocking=True),
+                                               y.to(self.device, non_blocking=True), self.loss_fn)
+            self.batch_in_epoch += 1
+            self.scheduler.step()
+            self.step += 1
+            return losses.sum()
+        if self.full_batch:
             self.optimizer.step(self.closure)
             total = self.closure.loss_sum
             self.batch_in_epoch += 1
@@ -325,15 +326,13 @@ class Trainer:
                 total += losses.sum()
             objective.add_penalty_gradient(self.penalised, self.l2)
             self.batch_in_epoch += len(batches)
-        if self.takes_batches:
-            pass  # no gradients to clip or measure
-        elif self.grad_clip_norm and not self.full_batch:
+        if self.grad_clip_norm and not self.full_batch:
             self._grad_norm = nn.utils.clip_grad_norm_(self.module.parameters(),
                                                        self.grad_clip_norm)
         elif grad_norm:
             self._grad_norm = nn.utils.get_total_norm(
                 [p.grad for p in self.module.parameters() if p.grad is not None])
-        if not self.full_batch and not self.takes_batches:
+        if not self.full_batch:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
