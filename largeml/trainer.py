@@ -369,7 +369,10 @@ class Trainer:
             return self._last_val
         with self._paused():
             self._settle()
-            metrics = self._objective() if self._objective_wanted() else {}
+            if self._objective_wanted():
+                metrics = self._objective()
+            else:
+                metrics, self.solver_objective = {}, None  # not measured at this validation
             if self.data.val is not None:
                 scores, targets = self.scores(self.data.val)
                 metrics.update({f"val/{k}": v for k, v in self._metrics(scores, targets).items()})
@@ -440,6 +443,8 @@ class Trainer:
         (f stalls: as scikit-learn's SGDClassifier, not a proof of the optimum). `tol=0` never
         stops. f is what the solver minimises."""
         f, previous = self.solver_objective, self.epoch_objective
+        if f is None:  # tol = 0: f is not measured before the end, and nothing waits on it
+            return
         self.epoch_objective = f if previous is None else min(f, previous)
         if self.tol <= 0 or self.stop_reason is not None:
             return
