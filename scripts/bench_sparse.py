@@ -210,7 +210,7 @@ def generate(root: Path, kind: str, args: argparse.Namespace) -> dict:
     return meta
 
 
-def load_csr(shard_dir: Path) -> tuple["scipy.sparse.csr_matrix", np.ndarray]:
+def load_csr(shard_dir: Path) -> tuple:
     """A shard directory as (scipy CSR float32, labels in {0, 1}), read with numpy alone (the
     format is plain .npy files; see largeml/data/shards.py), so a peer's process holds no torch."""
     import scipy.sparse

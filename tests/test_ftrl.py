@@ -1,6 +1,7 @@
 """FTRL-Proximal (largeml/ftrl.py) and the compiled loops under it (largeml/kernels.py): the
-loops agree with their torch twins, the sparse and dense steps agree, FTRL's fixed point is the
-documented objective's optimum, and its state round-trips through a checkpoint."""
+row-by-row loop against FTRL in plain Python, the compiled f, ∇f and scores against autograd and
+dense algebra, the batch form on CSR against dense batches, FTRL's fixed point against the
+documented objective's optimum, and its state through a checkpoint."""
 
 import functools
 import warnings
