@@ -94,6 +94,8 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     log.info("data: %s", data.description)
     chosen = auto.resolve(cfg, data, resolve_device(cfg.trainer.device, processes.local_rank))
     validate(cfg)  # what `auto` chose
+    if "data.batch_size" in chosen:  # the streams again, with the batch `auto` chose
+        data = build(cfg.data, rank=processes.rank, world_size=processes.world_size)
     model = build(cfg.model, n_features=data.n_features)
     l2 = l2_strength(cfg.regularization, data.n_train)
 
