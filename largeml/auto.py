@@ -102,10 +102,10 @@ def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[
 def ftrl_batch_rows(cfg: DictConfig, data: DataModule) -> int | None:
     """The batch for FTRL chosen by `auto`, where it differs from data.batch_size: FTRL learns
     from the rows of a batch one at a time, so the batch size changes only the rows' order (the
-    shuffle cuts batches) and the time a row costs: a step of 1024 rows spent 0.9 ms outside the loop that learns (reading, the Trainer's
-    step), against 0.65 ms in it (1 M rows of 40 non-zeros: an epoch took 1.55 s at 1024 rows,
-    0.93 s at 4096). Up to FTRL_BATCH_ROWS rows and FTRL_BATCH_NNZ non-zeros a batch (its
-    memory), never below data.batch_size."""
+    shuffle cuts batches) and the time a row costs. On 1 M rows of 40 non-zeros an epoch of
+    1024-row steps took 1.55 s, 0.65 s of it in the loop that learns; at 4096 rows, 0.93 s.
+    Up to FTRL_BATCH_ROWS rows and FTRL_BATCH_NNZ non-zeros a batch (its memory), never below
+    data.batch_size."""
     nnz_per_row = max(1.0, (data.held_bytes / max(data.n_train, 1) - 8) / 8)
     rows = min(FTRL_BATCH_ROWS, int(FTRL_BATCH_NNZ / nnz_per_row))
     given = int(cfg.data.batch_size)
