@@ -59,6 +59,7 @@ class FTRL(Optimizer):
             "bias": torch.zeros(2, dtype=torch.float64),  # z, √n; on the CPU, read every step
             "rows": 0,  # rows learnt from: the t of λ·t
         }
+        self._settled: int | None = None  # the rows learnt when settle() last wrote the model
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -72,9 +73,8 @@ class FTRL(Optimizer):
         group = self.param_groups[0]
         alpha, beta, l2 = group["lr"], group["beta"], group["l2"]
         sparse = x.layout == torch.sparse_csr
-        loss = kernels.LOSSES.get(getattr(loss_fn, "func", loss_fn))
-        if sparse and kernels.available(x) and loss is not None and not getattr(
-                loss_fn, "keywords", None):
+        loss = kernels.loss_code(loss_fn)
+        if sparse and kernels.available(x) and loss is not None:
             losses = kernels.ftrl_rows(x, y, features, scale, state["bias"], alpha, beta, l2,
                                        state["rows"], loss)
         else:
@@ -93,20 +93,17 @@ class FTRL(Optimizer):
             scores = kernels.ftrl_scores(x, features, scale, alpha, beta, decay, bias)
         else:
             x = model.input(x)
-            scores = x @ kernels.ftrl_weights(features, alpha, beta, decay) + bias
+            w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta, decay)
+            scores = x @ w + bias
         scores.requires_grad_()
         losses = loss_fn(scores, y)
         (d,) = torch.autograd.grad(losses.sum(), scores)
         with torch.no_grad():
             if sparse:
                 kernels.ftrl_update(x, d, features, scale, alpha, beta, decay)
-            else:
-                g = d @ x  # x is already scaled by the model's input map
-                z, root = features[:, Z], features[:, ROOT]
-                w = kernels.ftrl_weights(features, alpha, beta, decay)
-                root_new = (root * root + g * g).sqrt()
-                z += g - (root_new - root) / alpha * w
-                root.copy_(root_new)
+            else:  # x is already scaled by the model's input map
+                features[:, Z], features[:, ROOT] = kernels.ftrl_step(
+                    features[:, Z], features[:, ROOT], d @ x, w, alpha)
             self._bias_update(float(d.sum()), alpha, beta)
         return losses.detach()
 
@@ -117,21 +114,23 @@ class FTRL(Optimizer):
     def _bias_update(self, g: float, alpha: float, beta: float) -> None:
         b = self.state["ftrl"]["bias"]
         z, root = b.tolist()
-        w = self._bias_value(alpha, beta)
-        root_new = (root * root + g * g) ** 0.5
-        b[0] = z + g - (root_new - root) / alpha * w
-        b[1] = root_new
+        b[0], b[1] = kernels.ftrl_step(z, root, g, self._bias_value(alpha, beta), alpha)
 
     # -- the model's view -------------------------------------------------------------------
 
     @torch.no_grad()
     def settle(self) -> None:
-        """Writes the weights the state stands for into the model's parameters (O(features))."""
+        """Writes the weights the state stands for into the model's parameters (O(features));
+        nothing to do if no row was learnt since the last call."""
         state, group = self.state["ftrl"], self.param_groups[0]
-        alpha, beta = group["lr"], group["beta"]
-        w = kernels.ftrl_weights(state["features"], alpha, beta, group["l2"] * state["rows"])
+        if self._settled == state["rows"]:
+            return
+        alpha, beta, features = group["lr"], group["beta"], state["features"]
+        w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta,
+                                 group["l2"] * state["rows"])
         self.weight.copy_(w.view_as(self.weight))
         self.bias.fill_(self._bias_value(alpha, beta))
+        self._settled = state["rows"]
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
@@ -140,3 +139,4 @@ class FTRL(Optimizer):
         state = self.state["ftrl"]
         state["features"] = state["features"].to(self.weight.device)
         state["bias"] = state["bias"].cpu()
+        self._settled = None

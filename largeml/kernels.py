@@ -50,6 +50,14 @@ TINY = 1e-30
 LOSSES = {losses.bce: BCE, losses.hinge: HINGE, losses.squared_hinge: SQUARED_HINGE}
 
 
+def loss_code(loss_fn) -> int | None:
+    """The compiled loops' code for `loss_fn` (a loss function, or a `functools.partial` of one
+    with no arguments bound), None for a loss they do not know."""
+    if getattr(loss_fn, "keywords", None):
+        return None
+    return LOSSES.get(getattr(loss_fn, "func", loss_fn))
+
+
 if numba is not None:
     _jit = numba.njit(cache=True, nogil=True, fastmath=True)
 
@@ -127,34 +135,45 @@ if numba is not None:
         return total, bias_grad
 
     @_jit
-    def _csr_matvec(crow, cols, vals, w, scale, bias, out):  # pragma: no cover
+    def _csr_matvec(crow, cols, vals, w, scale, scaled, bias, out):  # pragma: no cover
         for r in range(len(crow) - 1):
             s = 0.0
             for i in range(crow[r], crow[r + 1]):
                 c = cols[i]
-                s += w[c] * scale[c] * vals[i]
+                s += w[c] * (scale[c] if scaled else 1.0) * vals[i]
             out[r] = s + bias
 
     @_jit
-    def _csr_rmatvec(crow, cols, vals, d, scale, out):  # pragma: no cover
+    def _csr_rmatvec(crow, cols, vals, d, scale, scaled, out):  # pragma: no cover
         for r in range(len(crow) - 1):
             dr = d[r]
             for i in range(crow[r], crow[r + 1]):
                 c = cols[i]
-                out[c] += dr * scale[c] * vals[i]
+                out[c] += dr * (scale[c] if scaled else 1.0) * vals[i]
 
 
 def _parts(x: Tensor):
     return x.crow_indices().numpy(), x.col_indices().numpy(), x.values().numpy()
 
 
+def _scale(scale: Tensor | None, placeholder: Tensor) -> tuple:
+    """(array, whether to read it) for a loop's `scale`: None is all ones, never read."""
+    return (placeholder if scale is None else scale).numpy(), scale is not None
+
+
 # -- FTRL-Proximal on a linear score: state rows are features ----------------------------------
 
-def ftrl_weights(state: Tensor, alpha: float, beta: float, decay: float) -> Tensor:
-    """w = −z / ((β + √n) / α + decay) for every feature (decay = λ·rows, see largeml.ftrl);
-    0 for a feature never seen (z = 0), also where β = decay = 0."""
-    z = state[:, Z]
-    return torch.where(z == 0, 0.0, -z / ((beta + state[:, ROOT]) / alpha + decay))
+def ftrl_weights(z: Tensor, root: Tensor, alpha: float, beta: float, decay: float) -> Tensor:
+    """w = −z / ((β + √n) / α + decay) from a state's z and √n (decay = λ·rows, see
+    largeml.ftrl); 0 for a feature never seen (z = 0), also where β = decay = 0."""
+    return torch.where(z == 0, 0.0, -z / ((beta + root) / alpha + decay))
+
+
+def ftrl_step(z, root, g, w, alpha: float):
+    """FTRL's update from gradient g at weight w: (z + g − σ·w, √(n + g²)) with
+    σ = (√(n + g²) − √n) / α. Tensors (the torch forms) or floats (the bias)."""
+    root_new = (root * root + g * g) ** 0.5
+    return z + g - (root_new - root) / alpha * w, root_new
 
 
 def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
@@ -163,8 +182,8 @@ def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: T
     update), as the paper and Vowpal Wabbit do; returns the rows' losses. `scale`: the
     features' scales (None: all 1). Compiled only."""
     out = torch.empty(len(y))
-    _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), (y if scale is None else scale).numpy(),
-               scale is not None, bias.numpy(), alpha, beta, l2, rows_before, loss, out.numpy())
+    _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), *_scale(scale, y), bias.numpy(), alpha,
+               beta, l2, rows_before, loss, out.numpy())
     return out
 
 
@@ -173,8 +192,7 @@ def ftrl_scores(x: Tensor, state: Tensor, scale: Tensor, alpha: float, beta: flo
     """The scores of CSR batch `x` at the weights `state` stands for (torch ops, any device)."""
     cols = x.col_indices()
     s = state[cols]
-    w = torch.where(s[:, Z] == 0, 0.0, -s[:, Z] / ((beta + s[:, ROOT]) / alpha + decay))
-    per = w * scale[cols] * x.values()
+    per = ftrl_weights(s[:, Z], s[:, ROOT], alpha, beta, decay) * scale[cols] * x.values()
     return torch.segment_reduce(per, "sum", offsets=x.crow_indices()) + bias
 
 
@@ -188,11 +206,9 @@ def ftrl_update(x: Tensor, d: Tensor, state: Tensor, scale: Tensor, alpha: float
     grad.index_add_(0, cols, rows * scale[cols] * x.values())
     # Each feature's new z and n computed once per non-zero from the old ones: a feature met
     # twice gets the same values written twice.
-    g, z, root = grad[cols], state[cols, Z], state[cols, ROOT]
-    w = torch.where(z == 0, 0.0, -z / ((beta + root) / alpha + decay))
-    root_new = (root * root + g * g).sqrt()
-    state[cols, Z] = z + g - (root_new - root) / alpha * w
-    state[cols, ROOT] = root_new
+    z, root = state[cols, Z], state[cols, ROOT]
+    state[cols, Z], state[cols, ROOT] = ftrl_step(
+        z, root, grad[cols], ftrl_weights(z, root, alpha, beta, decay), alpha)
 
 
 # -- a plain linear score and its gradient, for evaluation and the objective -------------------
@@ -202,26 +218,28 @@ def linear_rows(x: Tensor, y: Tensor, w: Tensor, scale: Tensor | None, bias: flo
     """Σ_i loss(x_i·(scale ⊙ w) + bias, y_i) over CSR batch `x`, adding Σ_i ∂loss_i/∂w into
     `grad`; returns (the loss sum, Σ_i ∂loss_i/∂bias). One pass over the non-zeros. Compiled
     only (see `available`)."""
-    ones = scale is None
-    return _linear_rows(*_parts(x), y.numpy(), w.numpy(), (w if ones else scale).numpy(),
-                        not ones, bias, loss, grad.numpy())
+    return _linear_rows(*_parts(x), y.numpy(), w.numpy(), *_scale(scale, w), bias, loss,
+                        grad.numpy())
 
 
-def csr_matvec(x: Tensor, w: Tensor, scale: Tensor, bias: float) -> Tensor:
-    """Σ_j w_j · scale_j · x_ij + bias for each row of CSR batch `x`."""
+def csr_matvec(x: Tensor, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:
+    """Σ_j w_j · scale_j · x_ij + bias for each row of CSR batch `x` (scale None: all 1)."""
     if available(x):
         out = torch.empty(x.shape[0])
-        _csr_matvec(*_parts(x), w.numpy(), scale.numpy(), bias, out.numpy())
+        _csr_matvec(*_parts(x), w.numpy(), *_scale(scale, w), bias, out.numpy())
         return out
-    per = w[x.col_indices()] * scale[x.col_indices()] * x.values()
+    per = w[x.col_indices()] * x.values()
+    if scale is not None:
+        per = per * scale[x.col_indices()]
     return torch.segment_reduce(per, "sum", offsets=x.crow_indices()) + bias
 
 
-def csr_rmatvec(x: Tensor, d: Tensor, scale: Tensor, out: Tensor) -> None:
-    """out_j += Σ_i d_i · scale_j · x_ij: the weight gradient of a batch, accumulated."""
+def csr_rmatvec(x: Tensor, d: Tensor, scale: Tensor | None, out: Tensor) -> None:
+    """out_j += Σ_i d_i · scale_j · x_ij: the weight gradient of a batch, accumulated (scale
+    None: all 1)."""
     if available(x):
-        _csr_rmatvec(*_parts(x), d.numpy(), scale.numpy(), out.numpy())
+        _csr_rmatvec(*_parts(x), d.numpy(), *_scale(scale, out), out.numpy())
         return
     cols = x.col_indices().long()
-    rows = torch.repeat_interleave(d, x.crow_indices().diff())
-    out.index_add_(0, cols, rows * scale[cols] * x.values())
+    per = torch.repeat_interleave(d, x.crow_indices().diff()) * x.values()
+    out.index_add_(0, cols, per if scale is None else per * scale[cols])

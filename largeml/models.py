@@ -118,8 +118,9 @@ class Linear(nn.Module):
         if x.layout == torch.sparse_csr and kernels.available(x):
             _check_width(x, self.linear)
             # The input map's scale is folded into the loop (a sparse map has no shift; an
-            # inactive one has scale 1), so the scaled batch is never built.
-            return _CsrLinear.apply(x, self.input.mult, self.linear.weight, self.linear.bias)
+            # inactive one is not read), so the scaled batch is never built.
+            scale = self.input.mult if self.input.active else None
+            return _CsrLinear.apply(x, scale, self.linear.weight, self.linear.bias)
         return first_layer(self.input(x), self.linear).squeeze(-1)
 
 

@@ -68,8 +68,8 @@ def value(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], l2: float
     was_training = model.training
     model.eval()
     try:
-        if _compiled(model, loss_fn):  # with or without ∇f: the same sums, the same f
-            loss = kernels.LOSSES[getattr(loss_fn, "func", loss_fn)]
+        loss = _compiled(model, loss_fn)
+        if loss is not None:  # with or without ∇f: the same sums, the same f
             f, norm = _linear_value(model, loss, on_device, l2, n_rows, reduce)
             return f, norm if gradient else None
         if gradient:
@@ -89,13 +89,12 @@ def value(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], l2: float
             p.grad = None
 
 
-def _compiled(model: nn.Module, loss_fn: LossFn) -> bool:
-    """Whether f and ∇f of `model` can come from `kernels.linear_rows`: a `Linear` model on the
-    CPU, a loss the compiled loop knows, numba present."""
-    func = getattr(loss_fn, "func", loss_fn)
-    return (kernels.numba is not None and isinstance(model, Linear)
-            and model.linear.weight.device.type == "cpu" and func in kernels.LOSSES
-            and not getattr(loss_fn, "keywords", None))
+def _compiled(model: nn.Module, loss_fn: LossFn) -> int | None:
+    """The loss's code if f and ∇f of `model` can come from `kernels.linear_rows` (a `Linear`
+    model on the CPU, a loss the compiled loop knows, numba present), else None."""
+    if kernels.numba is None or not isinstance(model, Linear):
+        return None
+    return kernels.loss_code(loss_fn) if model.linear.weight.device.type == "cpu" else None
 
 
 @torch.no_grad()

@@ -475,12 +475,13 @@ class Trainer:
         gathers each rank's RNG state first, which also waits until all have finished the step."""
         if self._saved == self._position():
             return
+        with self._paused():  # the weights checked and saved are the optimizer's current ones
+            self._settle()
         finite = bool(torch.isfinite(self._window_loss)) and all(
             bool(torch.isfinite(p).all()) for p in self.module.parameters())
         if distributed.any_(not finite, self.device):  # a diverged model is never saved
             raise self._diverged("training loss or weights are not finite")
         with self._paused():
-            self._settle()
             rng = distributed.gather_objects(_rng_state(self.device))
             if self.processes.main:
                 self._write_checkpoint(rng)
