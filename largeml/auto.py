@@ -27,7 +27,6 @@ Feature scaling (`data.scale=auto`) is chosen from the data's values: see `large
 """
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from largeml.data import DataModule
 from largeml.data.stream import ShardStream
+from largeml.device import available_ram
 from largeml.distributed import Processes
 
 log = logging.getLogger(__name__)
@@ -66,19 +66,6 @@ def memory_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return available_ram() // 4
-
-
-def available_ram() -> int:
-    """RAM that can be had without swapping: MemAvailable, which counts the page cache the
-    kernel would give back (MemFree alone is small on a machine that has read much data)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[str, str]:

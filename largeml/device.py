@@ -63,3 +63,16 @@ def skip_compiler_import() -> None:
             fn = getattr(attr, "__func__", attr)
             if getattr(fn, "__code__", None) is wrapper_code:
                 fn.__wrapped__.__dynamo_disable = fn.__wrapped__
+
+
+def available_ram() -> int:
+    """RAM that can be had without swapping: MemAvailable, which counts the page cache the
+    kernel would give back (MemFree alone is small on a machine that has read much data)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -14,7 +14,7 @@ import torch
 from conftest import REPO
 from omegaconf import OmegaConf
 
-from largeml import auto
+from largeml import device
 from largeml.data import convert as convert_module
 from largeml.data import hashing
 from largeml.data.convert import convert
@@ -208,8 +208,8 @@ def test_ids_up_to_two_billion_train_hashed(tmp_path):
 
 
 def test_too_wide_for_memory_names_hash_bits_without_allocating(tmp_path):
-    if auto.available_ram() >= WIDEST * BYTES_PER_FEATURE:
-        pytest.skip(f"{auto.available_ram() / 2**30:.0f} GiB free: a model of {WIDEST:,} "
+    if device.available_ram() >= WIDEST * BYTES_PER_FEATURE:
+        pytest.skip(f"{device.available_ram() / 2**30:.0f} GiB free: a model of {WIDEST:,} "
                     "features would fit")
     path = write_wide_libsvm(tmp_path / "wide.svm")
     code, output, peak = train(f"hydra.run.dir={tmp_path / 'run'}", "data=libsvm",
@@ -224,7 +224,7 @@ def test_too_wide_for_memory_names_hash_bits_without_allocating(tmp_path):
 
 def test_too_wide_names_the_hashed_width(tmp_path, monkeypatch):
     path = write_wide_libsvm(tmp_path / "a.svm", rows=5)
-    monkeypatch.setattr(auto, "available_ram", lambda: 1 << 26)  # 64 MiB: 2^21 columns fit
+    monkeypatch.setattr(device, "available_ram", lambda: 1 << 26)  # 64 MiB: 2^21 columns fit
     with pytest.raises(DataError, match=r"data.hash_bits=22 makes 4,194,304 columns, .*"
                                         r"data.hash_bits=18"):
         files(str(path), format="libsvm", cache_dir=str(tmp_path / "c"), hash_bits=22)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from largeml import auto
+from largeml import device
 from largeml.data import hashing, scaling
 from largeml.data.batches import DataModule, InMemoryBatches, eval_share
 from largeml.data.libsvm import read_libsvm
@@ -295,7 +295,7 @@ def files(
         options["hash_bits"] = hash_bits
     train = prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
     labelled(hashed_as(train, "data.train_path", hash_bits), "data.train_path")
-    fits_in_memory(train, "data.train_path", auto.available_ram())
+    fits_in_memory(train, "data.train_path", device.available_ram())
     val = None if val_path is None else prepared(
         val_path, "data.val_path", format, cache_dir, labels=val_labels, **options)
     if val is not None:
