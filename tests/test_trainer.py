@@ -58,3 +58,53 @@ def test_accumulated_step_weights_every_row_equally(tmp_path):
         torch.testing.assert_close(p.detach(), p0 - g)
     assert total.item() == pytest.approx(losses.bce(torch.zeros(40), y).sum().item(), rel=1e-6)
     trainer.logger.close()
+
+
+def test_checkpoint_holds_the_weights_of_its_step_while_training_goes_on(tmp_path,
+                                                                          monkeypatch):
+    # The file is written by a thread while the next steps change the weights: it must hold
+    # the weights of the step it is named after, not later ones.
+    import time
+
+    import largeml.trainer
+    from largeml.checkpoint import load_checkpoint, save_checkpoint
+
+    def slow_save(state, path):  # the next epoch's steps run meanwhile
+        time.sleep(0.3)
+        save_checkpoint(state, path)
+
+    monkeypatch.setattr(largeml.trainer, "save_checkpoint", slow_save)
+    torch.manual_seed(0)
+    trainer = make_trainer(Linear(5), losses.bce, 0.01, tmp_path, max_epochs=2, tol=0)
+    saved = {}  # the weights after each step, taken by the training thread itself
+    train_step = trainer.train_step
+
+    def step_and_remember(*args, **kwargs):
+        total = train_step(*args, **kwargs)
+        saved[trainer.step] = {k: v.clone() for k, v in trainer.module.state_dict().items()}
+        return total
+
+    trainer.train_step = step_and_remember
+    trainer.fit()
+    files = sorted((tmp_path / "checkpoints").glob("step-*.pt"))
+    assert len(files) == 2
+    for path in files:
+        state = load_checkpoint(path)
+        step = state["step"]
+        for key, value in state["model"].items():
+            assert torch.equal(value, saved[step][key]), (path, key)
+    # The first epoch's weights differ from the second's: a copy taken late would not.
+    first, second = (load_checkpoint(p)["model"]["linear.weight"] for p in files)
+    assert not torch.equal(first, second)
+
+
+def test_a_failed_checkpoint_write_fails_the_run(tmp_path, monkeypatch):
+    import largeml.trainer
+
+    def refuse(state, path):
+        raise OSError(f"No space left on device: {path}")
+
+    monkeypatch.setattr(largeml.trainer, "save_checkpoint", refuse)
+    trainer = make_trainer(Linear(5), losses.bce, 0.01, tmp_path, max_epochs=2, tol=0)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit()
