@@ -62,7 +62,10 @@ def loss_code(loss_fn) -> int | None:
 
 
 if numba is not None:
-    _jit = numba.njit(cache=True, nogil=True, fastmath=True)
+    # fastmath without `reassoc`: reassociation lets LLVM vectorise a row's sum into AVX2
+    # gathers, which ran 4x slower than one load a non-zero here (a CSR dot product over
+    # 40 M non-zeros: 0.25 s against 0.063 s).
+    _jit = numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
 
     @intrinsic
     def _prefetch(typingctx, array, i):  # pragma: no cover
@@ -104,8 +107,9 @@ if numba is not None:
         """(the row's loss, its derivative in the score) for loss BCE, HINGE or SQUARED_HINGE."""
         t = 2.0 * y - 1.0
         m = t * s
-        if loss == 0:  # log(1 + exp(−m)), stably; d = σ(s) − y
-            return max(-m, 0.0) + math.log1p(math.exp(-abs(m))), 1.0 / (1.0 + math.exp(-s)) - y
+        if loss == 0:  # log(1 + exp(−m)), stably; d = σ(s) − y; one exp: |m| = |s|
+            e = math.exp(-abs(s))
+            return max(-m, 0.0) + math.log1p(e), (1.0 if s >= 0 else e) / (1.0 + e) - y
         if loss == 1:
             return max(1.0 - m, 0.0), (-t if m < 1.0 else 0.0)
         return max(1.0 - m, 0.0) ** 2, -2.0 * t * max(1.0 - m, 0.0)
