@@ -24,23 +24,27 @@ polled every 20 ms) kept for each:
 
 - largeml, through its CLI (`python -m largeml.train data=files ...` plus --largeml-args, nothing
   else), each run in a fresh run directory: an untimed `trainer.max_epochs=1 trainer.tol=0` run
-  first (the first run after a code change compiles largeml's kernels), then the same again and
-  `trainer.max_epochs=3 trainer.tol=0`, wall time of each subprocess; one epoch is half their
-  difference (start-up cancels; each epoch's validation is included); also its own
+  first (the first run after a code change compiles largeml's kernels), then --repeats pairs of
+  the same again and `trainer.max_epochs=3 trainer.tol=0`, wall time of each subprocess; one
+  epoch is the median over the pairs of half their difference (start-up cancels; each epoch's
+  validation is included); also its own
   `perf/samples_per_sec` (training only) from metrics.json. Then a run with the defaults, which
   stops by its own rule: wall time, epochs, `stopped`. The optimizer and feature scaling that
   largeml chose (`auto`) are read from the run's config.yaml and log.
 - SGDClassifier(loss="log_loss", max_iter=1 and 3, tol=None, random_state=0, otherwise default):
-  fit time on the in-memory CSR matrix.
+  fit time on the in-memory CSR matrix, the median of --repeats fits.
 - Vowpal Wabbit through `vowpalwabbit.Workspace`, which runs the `vw` driver when given a data
   source or --passes: its cache is built by an untimed pass over the text, then one pass and
-  three passes from the cache are timed (`--loss_function logistic -b 23`, otherwise VW's
-  defaults: with --passes > 1 VW holds out every 10th row for its own early stopping). Validation
-  accuracy from a separate, untimed `-t -i model` run over the validation text.
+  three passes from the cache are timed, medians of --repeats (`--loss_function logistic
+  -b 23`, otherwise VW's defaults: with --passes > 1 VW holds out every 10th row for its own
+  early stopping). Validation accuracy from a separate, untimed `-t -i model` run over the
+  validation text.
 - LIBLINEAR: LogisticRegression(solver="liblinear", C=1.0, default tol) to convergence, fit time.
 
 Validation accuracy for everything; rows/s ratios are to the faster of SGDClassifier and VW. A
-benchmark, not a test: timings depend on the machine and on what else runs on it.
+benchmark, not a test: timings depend on the machine and on what else runs on it (on the 2-core
+VM here, the same run varies by a third from one minute to the next: hence the medians, and
+the --json file keeps every repeat).
 """
 
 import argparse
@@ -304,21 +308,41 @@ def largeml_run(root: Path, name: str, overrides: list[str], extra: list[str]) -
             "feature_scaling": scaling.group(1) if scaling else None}
 
 
-def bench_largeml(root: Path, rows: int, extra: list[str]) -> dict:
+def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int) -> dict:
     # Untimed first: the first run after a code change compiles and caches largeml's kernels.
     warmup = largeml_run(root, "warmup", ["trainer.max_epochs=1", "trainer.tol=0"], extra)
-    one = largeml_run(root, "epochs1", ["trainer.max_epochs=1", "trainer.tol=0"], extra)
-    three = largeml_run(root, "epochs3", ["trainer.max_epochs=3", "trainer.tol=0"], extra)
+    pairs = [(largeml_run(root, "epochs1", ["trainer.max_epochs=1", "trainer.tol=0"], extra),
+              largeml_run(root, "epochs3", ["trainer.max_epochs=3", "trainer.tol=0"], extra))
+             for _ in range(repeats)]  # interleaved: a slow spell of the machine hits both
+    epochs_s = [(three["wall_s"] - one["wall_s"]) / 2 for one, three in pairs]
+    epoch_s = float(np.median(epochs_s))
+    one, three = (median_run([pair[i] for pair in pairs]) for i in (0, 1))
     default = largeml_run(root, "defaults", [], extra)
-    epoch_s = (three["wall_s"] - one["wall_s"]) / 2
     return {"warmup": warmup, "epochs1": one, "epochs3": three, "defaults": default,
-            "epoch_s": epoch_s,
+            "epoch_s": epoch_s, "epoch_s_each": epochs_s,
             "rows_per_s": rows / epoch_s if epoch_s > 0 else float("nan")}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the runs' accuracies are equal: the same seed), with every
+    run's wall time kept."""
+    chosen = sorted(runs, key=lambda run: run["wall_s"])[len(runs) // 2]
+    return {**chosen, "wall_s_each": [run["wall_s"] for run in runs]}
+
+
+def timed_fits(fit, repeats: int) -> tuple[float, list[float]]:
+    """The median wall time of `repeats` calls of `fit()`, and each one's."""
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fit()
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds)), seconds
 
 
 # --- peers, each run as `bench_sparse.py --peer NAME --set-dir DIR --result FILE` ---------------
 
-def peer_sgd(root: Path) -> dict:
+def peer_sgd(root: Path, repeats: int) -> dict:
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -331,15 +355,14 @@ def peer_sgd(root: Path) -> dict:
         model = SGDClassifier(loss="log_loss", max_iter=epochs, tol=None, random_state=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            started = time.perf_counter()
-            model.fit(x, y)
-            seconds = time.perf_counter() - started
-        result[f"epochs{epochs}"] = {"fit_s": seconds,
+            seconds, each = timed_fits(lambda: model.fit(x, y), repeats)  # fit() starts afresh
+        result[f"epochs{epochs}"] = {"fit_s": seconds, "fit_s_each": each,
                                      "val_accuracy": float(model.score(x_val, y_val))}
     return result
 
 
-def peer_liblinear(root: Path) -> dict:
+def peer_liblinear(root: Path, repeats: int) -> dict:
+    """Fitted once, whatever --repeats says: it takes from seconds to minutes."""
     from sklearn.linear_model import LogisticRegression
 
     x, y = load_csr(root / "train")
@@ -362,7 +385,7 @@ def vw_accuracy(root: Path, model: Path) -> float:
     return float(np.mean((scores > 0) == (y > 0)))
 
 
-def peer_vw(root: Path) -> dict:
+def peer_vw(root: Path, repeats: int) -> dict:
     """Workspace(args) runs VW's driver over the data (-d or --passes) inside the constructor,
     as the vw binary does; finish() writes the model (-f)."""
     from vowpalwabbit import Workspace
@@ -379,17 +402,20 @@ def peer_vw(root: Path) -> dict:
     for passes in (1, 3):
         model = work / f"passes{passes}.model"
         warm(cache)
-        started = time.perf_counter()
-        # The driver's summary (captured, not printed) says how many rows each pass trained on.
-        vw = Workspace(f"--cache_file {cache} --passes {passes} {options} -f {model}",
-                       enable_logging=True)
-        vw.finish()
-        seconds = time.perf_counter() - started
-        summary = "\n".join(vw.get_log())
+        runs = []
+
+        def fit() -> None:
+            # The driver's summary (captured, not printed): how many rows each pass trained on.
+            runs.append(Workspace(f"--cache_file {cache} --passes {passes} {options} -f {model}",
+                                  enable_logging=True))
+            runs[-1].finish()
+
+        seconds, each = timed_fits(fit, repeats)
+        summary = "\n".join(runs[-1].get_log())
         rows = re.search(r"number of examples(?: per pass)? = (\d+)", summary)
         used = re.search(r"passes used = (\d+)", summary)
         result[f"passes{passes}"] = {
-            "fit_s": seconds, "val_accuracy": vw_accuracy(root, model),
+            "fit_s": seconds, "fit_s_each": each, "val_accuracy": vw_accuracy(root, model),
             "rows_per_pass": int(rows.group(1)) if rows else None,
             "passes_used": int(used.group(1)) if used else passes}
     return result
@@ -398,13 +424,13 @@ def peer_vw(root: Path) -> dict:
 PEER_FUNCTIONS = {"sgd": peer_sgd, "liblinear": peer_liblinear, "vw": peer_vw}
 
 
-def run_peer(root: Path, name: str) -> dict:
+def run_peer(root: Path, name: str, repeats: int) -> dict:
     """Runs one peer in a child process of this script, polling its memory."""
     result_path = root / f"peer-{name}.json"
     result_path.unlink(missing_ok=True)
     log_path = root / f"peer-{name}.log"
     command = [sys.executable, __file__, "--peer", name, "--set-dir", str(root),
-               "--result", str(result_path)]
+               "--result", str(result_path), "--repeats", str(repeats)]
     status, wall, peak = run_polled(command, log_path)
     if status != 0:
         fail(f"peer {name} exit {status}", log_path)
@@ -506,6 +532,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--largeml-args", default="",
                         help='overrides appended to every largeml run, e.g. "data.batch_size=4096"')
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each epoch count (medians reported); LIBLINEAR "
+                        "and largeml's default run: once")
     parser.add_argument("--peer", choices=sorted(PEER_FUNCTIONS), help=argparse.SUPPRESS)
     parser.add_argument("--set-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -520,7 +549,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.peer:  # a child process: one peer on one set
-        args.result.write_text(json.dumps(PEER_FUNCTIONS[args.peer](args.set_dir)))
+        args.result.write_text(json.dumps(PEER_FUNCTIONS[args.peer](args.set_dir, args.repeats)))
         return
     check_peers()
     extra = shlex.split(args.largeml_args)
@@ -541,9 +570,9 @@ def main() -> None:
         results = {}
         for name in ("sgd", "vw", "liblinear"):
             print(f"[{kind}] {name} ...", file=sys.stderr)
-            results[name] = run_peer(root, name)
+            results[name] = run_peer(root, name, args.repeats)
         print(f"[{kind}] largeml ...", file=sys.stderr)
-        results["largeml"] = bench_largeml(root, meta["rows"]["train"], extra)
+        results["largeml"] = bench_largeml(root, meta["rows"]["train"], extra, args.repeats)
         everything["datasets"][kind] = {"meta": meta, **results}
         if args.json:  # after each set, so a later failure keeps what was measured
             args.json.write_text(json.dumps(everything, indent=1))
