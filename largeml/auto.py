@@ -4,10 +4,11 @@ run's resolved `config.yaml` (so evaluate, predict and a resume see what was cho
     optimizer=auto   newton  (full-batch Newton, `largeml.solvers.Newton`) for a linear model
                              (logreg, svm) whose training rows fit in memory: a quarter of the
                              free RAM, or half the free GPU memory; for sparse rows streamed
-                             from files, also at most `SPARSE_HOLD_MAX`
+                             from files, also at most `SPARSE_HOLD_MAX`; for more than two
+                             classes, lbfgs (full-batch L-BFGS) instead
                      ftrl    (FTRL-Proximal, `largeml.ftrl`: per-feature steps at the cost of
                              each batch's non-zeros, streamed) for a linear model on more sparse
-                             data than that, in one process; it also raises data.batch_size
+                             data than that, in one process, two classes; it raises data.batch_size
                              to 4096 rows where that stays under 2^20 non-zeros (FTRL learns
                              row by row: see `ftrl_batch_rows`)
                      adagrad (per-feature steps, streamed) for a linear model on more dense
@@ -75,14 +76,20 @@ def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[
         return "adam", "a non-linear model"
     budget = memory_budget(device)
     streamed = isinstance(data.train_eval, ShardStream)
+    multiclass = not data.classes.binary
     if data.sparse and streamed and data.held_bytes > min(budget, SPARSE_HOLD_MAX):
         why = (f"a linear model, {size}, sparse, streamed: more than "
                f"{min(budget, SPARSE_HOLD_MAX) / 2**20:,.0f} MiB to hold")
         if Processes.from_env().world_size > 1:
             return "adagrad", why + ", under torchrun"
+        if multiclass:
+            return "adagrad", why + f", {data.classes} (FTRL here is binary)"
         return "ftrl", why
     if data.held_bytes <= budget:
-        return "newton", f"a linear model, {size} fit in memory ({budget / 2**30:,.1f} GiB)"
+        why = f"a linear model, {size} fit in memory ({budget / 2**30:,.1f} GiB)"
+        if multiclass:  # Newton's Hessian products here take one score a row
+            return "lbfgs", f"{why}, {data.classes}"
+        return "newton", why
     return "adagrad", f"a linear model, {size} exceed the memory budget ({budget / 2**30:,.1f} GiB)"
 
 

@@ -18,7 +18,6 @@ one step per batch, for the GPU, whose threads want whole batches.
 import math
 
 import numpy as np
-
 import torch
 from torch import Tensor
 

@@ -1,14 +1,18 @@
-"""Per-sample losses of a real score s against a label y ∈ {0, 1}.
+"""Per-sample losses of scores against class indices (`largeml.labels`).
 
 Each returns one loss per row; the Trainer averages them and adds the L2 term λ/2·‖w‖², so the
 objective minimised is the textbook one:
 
     mean_i loss(s_i, y_i) + λ/2 · ‖w‖²        (λ = 1 / (C · n) is LIBLINEAR's C·Σ loss + ½‖w‖²)
 
-Labels are {0, 1} everywhere in largeml; the margin losses use t = 2y − 1 ∈ {−1, +1}.
+Two classes: one score a row (shape (rows,)), labels y ∈ {0, 1}; the margin losses use
+t = 2y − 1 ∈ {−1, +1}. K classes: K scores a row (shape (rows, K)), labels y ∈ {0 … K−1}:
+`bce` is then the softmax cross-entropy (multinomial logistic regression), `hinge` the
+Crammer–Singer multiclass hinge max(0, 1 + max_{j≠y} s_j − s_y), `squared_hinge` its square.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,26 +23,55 @@ SMOOTHING = 0.1  # the width h of the smoothed hinge's quadratic piece (see smoo
 
 
 def bce(scores: Tensor, targets: Tensor) -> Tensor:
-    """Logistic loss log(1 + exp(−t·s)), computed stably from logits."""
+    """Logistic loss log(1 + exp(−t·s)), computed stably from logits; for K scores, the
+    softmax cross-entropy −log softmax(s)_y."""
+    if scores.dim() == 2:
+        return F.cross_entropy(scores, targets.long(), reduction="none")
     return F.binary_cross_entropy_with_logits(scores, targets, reduction="none")
 
 
+def margin_gap(scores: Tensor, targets: Tensor) -> Tensor:
+    """1 − z, where z is a row's margin: t·s for one score, s_y − max_{j≠y} s_j for K. The
+    hinge is max(0, 1 − z)."""
+    if scores.dim() < 2:
+        return 1 - (2 * targets - 1) * scores
+    y = targets.long().unsqueeze(1)
+    others = scores.scatter(1, y, float("-inf"))  # s_j for j ≠ y
+    return 1 + others.amax(1) - scores.gather(1, y).squeeze(1)
+
+
 def hinge(scores: Tensor, targets: Tensor) -> Tensor:
-    """Soft-margin SVM loss max(0, 1 − t·s)."""
-    return torch.clamp(1 - (2 * targets - 1) * scores, min=0)
+    """Soft-margin SVM loss max(0, 1 − t·s); for K scores, Crammer–Singer's."""
+    return torch.clamp(margin_gap(scores, targets), min=0)
 
 
 def squared_hinge(scores: Tensor, targets: Tensor) -> Tensor:
-    """L2-loss SVM (LIBLINEAR's default): max(0, 1 − t·s)²."""
-    return torch.clamp(1 - (2 * targets - 1) * scores, min=0).pow(2)
+    """L2-loss SVM (LIBLINEAR's default): max(0, 1 − t·s)²; for K scores, of Crammer–Singer's
+    margin."""
+    return torch.clamp(margin_gap(scores, targets), min=0).pow(2)
 
 
 def smooth_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHING) -> Tensor:
     """The hinge with its corner rounded over a margin width h: 0 for z ≥ 1, (1 − z)²/(2h) for
     1 − h < z < 1, 1 − z − h/2 below (z = t·s). Within h/2 of the hinge everywhere, and twice
     differentiable almost everywhere, so Newton and L-BFGS converge on it."""
-    gap = 1 - (2 * targets - 1) * scores  # 1 − z: the hinge is max(0, gap)
+    if scores.dim() == 2:
+        return smooth_multiclass_hinge(scores, targets, h)
+    gap = margin_gap(scores, targets)  # 1 − z: the hinge is max(0, gap)
     return torch.where(gap >= h, gap - h / 2, torch.clamp(gap, min=0).pow(2) / (2 * h))
+
+
+def smooth_multiclass_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHING) -> Tensor:
+    """Crammer–Singer's hinge max_j (Δ_j + s_j − s_y) (Δ_j = 1 for j ≠ y, 0 for j = y) with the
+    max smoothed to γ·log Σ_j exp((Δ_j + s_j − s_y)/γ), γ = h / log K: smooth everywhere (the
+    hinge's max over the other classes has a corner wherever two of them tie, which a max
+    alone keeps), and between the hinge and the hinge + h."""
+    k = scores.shape[1]
+    gamma = h / math.log(k)
+    y = targets.long().unsqueeze(1)
+    margins = 1 + scores - scores.gather(1, y)  # Δ_j + s_j − s_y, with Δ_y = 1 here ...
+    margins = margins.scatter(1, y, 0.0)  # ... and 0 for j = y
+    return gamma * torch.logsumexp(margins / gamma, dim=1)
 
 
 def smoothed(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

@@ -1,21 +1,43 @@
-"""Classification metrics over a whole evaluation set, computed exactly."""
+"""Classification metrics over a whole evaluation set, computed exactly.
+
+Scores are one per row for two classes (shape (rows,): class 1 where the score is > 0) or one
+per class (shape (rows, K): the class of the highest score); targets are class indices.
+"""
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def predicted(scores: Tensor) -> Tensor:
+    """Each row's predicted class index (long): score > 0 for one score, else the argmax."""
+    return scores.argmax(1) if scores.dim() == 2 else (scores > 0).long()
+
+
 def accuracy(scores: Tensor, targets: Tensor) -> float:
-    """Fraction of rows whose predicted class (score > 0) equals the label."""
-    return ((scores > 0).float() == targets).float().mean().item()
+    """Fraction of rows whose predicted class equals the label."""
+    return (predicted(scores) == targets.long()).float().mean().item()
+
+
+def top_k_accuracy(scores: Tensor, targets: Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the k classes of highest score (K scores)."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top == targets.long().unsqueeze(1)).any(1).float().mean().item()
 
 
 def roc_auc(scores: Tensor, targets: Tensor) -> float:
     """Exact ROC AUC: the probability that a random positive outscores a random negative, ties
     counting one half (the Mann-Whitney U statistic, with average ranks for tied scores).
 
-    NaN when only one class is present.
+    NaN when only one class is present. For K scores, the mean over the classes present of
+    each class's AUC against the rest, ranking the rows by the class's softmax (one-vs-rest,
+    macro: scikit-learn's `multi_class="ovr"` on probabilities).
     """
+    if scores.dim() == 2:
+        p = torch.softmax(scores.double(), dim=1)
+        per_class = [roc_auc(p[:, c], (targets == c).double()) for c in range(scores.shape[1])]
+        present = [a for a in per_class if a == a]
+        return sum(present) / len(present) if present else float("nan")
     scores, targets = scores.double().flatten(), targets.flatten()
     n_pos = int(targets.sum().item())
     n_neg = targets.numel() - n_pos
@@ -35,12 +57,38 @@ def roc_auc(scores: Tensor, targets: Tensor) -> float:
 
 
 def confusion_matrix(scores: Tensor, targets: Tensor) -> list[list[int]]:
-    """[[true negatives, false positives], [false negatives, true positives]], predicting
-    class 1 for score > 0 (rows: the label, columns: the prediction, as in scikit-learn)."""
-    predicted = (scores.flatten() > 0).long()
+    """K×K counts, rows the label and columns the prediction, as in scikit-learn; for two
+    classes [[true negatives, false positives], [false negatives, true positives]]."""
+    k = scores.shape[1] if scores.dim() == 2 else 2
     actual = targets.flatten().long()
-    counts = torch.bincount(2 * actual + predicted, minlength=4).tolist()
-    return [counts[:2], counts[2:]]
+    counts = torch.bincount(k * actual + predicted(scores), minlength=k * k).tolist()
+    return [counts[i * k:(i + 1) * k] for i in range(k)]
+
+
+def per_class(scores: Tensor, targets: Tensor) -> dict[str, list[float]]:
+    """Each class's precision, recall and F1 (0.0 where undefined: scikit-learn's
+    `zero_division` default) and its rows in `targets` (its support)."""
+    m = torch.tensor(confusion_matrix(scores, targets), dtype=torch.float64)
+    tp, predicted_n, actual_n = m.diagonal(), m.sum(0), m.sum(1)
+    precision = torch.where(predicted_n > 0, tp / predicted_n.clamp(min=1), 0.0)
+    recall = torch.where(actual_n > 0, tp / actual_n.clamp(min=1), 0.0)
+    f1 = torch.where(tp > 0, 2 * tp / (predicted_n + actual_n).clamp(min=1), 0.0)
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "support": actual_n.tolist()}
+
+
+def averaged(scores: Tensor, targets: Tensor) -> dict[str, float]:
+    """Macro (unweighted mean over classes) and weighted (by support) precision, recall and F1,
+    as scikit-learn's `average="macro"` and `"weighted"` (classes absent from both the labels
+    and the predictions count in the macro mean as 0, as there)."""
+    table = per_class(scores, targets)
+    support = torch.tensor(table["support"])
+    out = {}
+    for name in ("precision", "recall", "f1"):
+        values = torch.tensor(table[name])
+        out[f"macro_{name}"] = values.mean().item()
+        out[f"weighted_{name}"] = (values * support).sum().item() / max(support.sum().item(), 1)
+    return out
 
 
 def precision(scores: Tensor, targets: Tensor) -> float:
@@ -63,14 +111,22 @@ def f1(scores: Tensor, targets: Tensor) -> float:
 
 
 def log_loss(scores: Tensor, targets: Tensor) -> float:
-    """Mean negative log-likelihood of the labels with P(y = 1) = sigmoid(score): the scores
-    are logits, as logistic regression's are. Computed from the logits, so it stays finite
-    where a probability would round to 0 or 1."""
+    """Mean negative log-likelihood of the labels with P(y = 1) = sigmoid(score) (K scores:
+    P(y = c) = softmax(scores)_c): the scores are logits, as logistic regression's are.
+    Computed from the logits, so it stays finite where a probability would round to 0 or 1."""
+    if scores.dim() == 2:
+        return F.cross_entropy(scores.double(), targets.long()).item()
     return F.binary_cross_entropy_with_logits(scores.double().flatten(),
                                               targets.double().flatten()).item()
 
 
 def hinge_loss(scores: Tensor, targets: Tensor) -> float:
-    """Mean of max(0, 1 − t·s) with t = 2y − 1 ∈ {−1, +1}: the SVM's margin loss."""
+    """Mean of max(0, 1 − t·s) with t = 2y − 1 ∈ {−1, +1}: the SVM's margin loss (K scores:
+    Crammer–Singer's, max(0, 1 + max_{j≠y} s_j − s_y))."""
+    if scores.dim() == 2:
+        y = targets.long().unsqueeze(1)
+        s = scores.double()
+        gap = 1 + s.scatter(1, y, float("-inf")).amax(1) - s.gather(1, y).squeeze(1)
+        return torch.clamp(gap, min=0).mean().item()
     t = 2 * targets.double().flatten() - 1
     return torch.clamp(1 - t * scores.double().flatten(), min=0).mean().item()

@@ -1,4 +1,5 @@
-"""Models: plain `nn.Module`s mapping features to one real score per row.
+"""Models: plain `nn.Module`s mapping features to real scores: one per row for two classes
+(`n_outputs=1`, shape (rows,)), one per class for more (`n_outputs=K`, shape (rows, K)).
 
 A score is a logit for logistic regression and a margin for the SVM; the loss decides which.
 Models know nothing of devices, losses, optimizers or logging.
@@ -101,20 +102,25 @@ class Standardize(nn.Module):
 
 
 class Linear(nn.Module):
-    """score = x · w + b: logistic regression with `bce`, a linear soft-margin SVM with `hinge`.
+    """score = x · w + b: logistic regression with `bce`, a linear soft-margin SVM with `hinge`;
+    for K classes, K scores x · W + b (multinomial logistic regression, a Crammer–Singer SVM).
 
     Starts from zero, as LIBLINEAR does: the objective is convex, so the start only costs steps,
     and a zero start makes every run independent of the seed.
     """
 
-    def __init__(self, n_features: int) -> None:
+    def __init__(self, n_features: int, n_outputs: int = 1) -> None:
         super().__init__()
         self.input = Standardize(n_features)
-        self.linear = nn.Linear(n_features, 1)
+        self.linear = nn.Linear(n_features, n_outputs)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
+        if n_outputs > 1:
+            column_major(self.linear)  # sparse batches read weight.t() (see first_layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.linear.out_features > 1:
+            return first_layer(self.input(x), self.linear)
         if x.layout == torch.sparse_csr and kernels.available(x):
             _check_width(x, self.linear)
             # The input map's scale is folded into the loop (a sparse map has no shift; an
@@ -142,7 +148,8 @@ class _CsrLinear(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    """A feed-forward network: [Linear → activation → dropout] per hidden size, then one score."""
+    """A feed-forward network: [Linear → activation → dropout] per hidden size, then the scores
+    (one, or one per class)."""
 
     def __init__(
         self,
@@ -150,6 +157,7 @@ class MLP(nn.Module):
         hidden_sizes: Sequence[int] = (64, 64),
         activation: str = "relu",
         dropout: float = 0.0,
+        n_outputs: int = 1,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -163,7 +171,7 @@ class MLP(nn.Module):
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             width = size
-        layers.append(nn.Linear(width, 1))
+        layers.append(nn.Linear(width, n_outputs))
         column_major(layers[0])
         self.input = Standardize(n_features)
         self.net = nn.Sequential(*layers)
@@ -172,7 +180,7 @@ class MLP(nn.Module):
         x = first_layer(self.input(x), self.net[0])
         for layer in islice(self.net, 1, None):
             x = layer(x)
-        return x.squeeze(-1)
+        return x.squeeze(-1) if x.shape[-1] == 1 else x
 
 
 def penalised_weights(model: nn.Module) -> list[nn.Parameter]:

@@ -92,7 +92,7 @@ def value(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], l2: float
 def _compiled(model: nn.Module, loss_fn: LossFn) -> int | None:
     """The loss's code if f and ∇f of `model` can come from `kernels.linear_rows` (a `Linear`
     model on the CPU, a loss the compiled loop knows, numba present), else None."""
-    if kernels.numba is None or not isinstance(model, Linear):
+    if kernels.numba is None or not isinstance(model, Linear) or model.linear.out_features > 1:
         return None
     return kernels.loss_code(loss_fn) if model.linear.weight.device.type == "cpu" else None
 
@@ -184,6 +184,8 @@ class FullBatch:
         for p, g in zip(self.params, grads.split([p.numel() for p in self.params]), strict=True):
             p.grad.copy_(g.view_as(p))
         add_penalty_gradient(self.weights, self.l2)
+        for p in self.params:  # torch.optim.LBFGS reads grad.view(-1): a column-major
+            p.grad = p.grad.contiguous()  # weight (largeml.models.column_major) has its layout
         f = self.reduce(total) / self.n_rows + penalty(self.weights, self.l2)
         self.last = ([p._version for p in self.params], f, [p.grad.clone() for p in self.params])
         return f

@@ -51,10 +51,13 @@ def run(cfg: DictConfig) -> tuple[ShardIndex, float]:
 
 def summary(index: ShardIndex, seconds: float, input_bytes: int) -> str:
     nnz = f"{index.nnz:,} nnz" if index.layout == "sparse" else "nnz n/a"
-    counts = index.label_counts
+    counts = sorted(index.label_counts.items(), key=lambda item: float(item[0]))
+    shown = " / ".join(f"{label}: {n:,}" for label, n in counts[:10])
+    if len(counts) > 10:
+        shown += f" / ... ({len(counts)} labels)"
     return (
         f"prepared {index.rows:,} rows x {index.n_features:,} features, {nnz}, {index.layout}, "
-        f"labels 0: {counts['0']:,} / 1: {counts['1']:,} -> {index.root} "
+        f"labels {shown} -> {index.root} "
         f"({len(index.shards)} shard{'s' * (len(index.shards) != 1)}) in {seconds:.1f} s, "
         f"{input_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s"
     )

@@ -96,7 +96,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     validate(cfg)  # what `auto` chose
     if "data.batch_size" in chosen:  # the streams again, with the batch `auto` chose
         data = build(cfg.data, rank=processes.rank, world_size=processes.world_size)
-    model = build(cfg.model, n_features=data.n_features)
+    model = build(cfg.model, n_features=data.n_features, n_outputs=data.classes.n_outputs)
     l2 = l2_strength(cfg.regularization, data.n_train)
 
     config = OmegaConf.to_container(cfg, resolve=True)

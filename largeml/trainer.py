@@ -14,8 +14,8 @@ import logging
 import math
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,7 @@ class Trainer:
         # An optimizer that takes whole batches (FTRL) computes its own gradients, L2 included,
         # in O(the batch's non-zeros); every other one gets gradients from backward().
         self.takes_batches = getattr(getattr(optimizer, "func", optimizer), "takes_batches", False)
+        _check_classes(optimizer, data)
         self.optimizer = (optimizer(self.module.parameters(), l2=l2) if self.takes_batches
                           else optimizer(self.module.parameters()))
         # A full-batch solver (L-BFGS, Newton) takes one step per epoch over every training row,
@@ -355,7 +356,8 @@ class Trainer:
     def scores(self, dataset: BatchDataset) -> tuple[Tensor, Tensor]:
         """The model's score and the label of every row of `dataset`, gathered from all ranks."""
         self.module.eval()
-        scores = [torch.zeros(0, device=self.device)]
+        k = self.data.classes.n_outputs  # a rank without rows still sends the right shape
+        scores = [torch.zeros((0, k) if k > 1 else 0, device=self.device)]
         targets = [torch.zeros(0, device=self.device)]
         for x, y in self._loader(dataset):
             with self._autocast():
@@ -381,8 +383,10 @@ class Trainer:
                 scores, targets = self.scores(self.data.val)
                 metrics.update({f"val/{k}": v for k, v in self._metrics(scores, targets).items()})
                 # Any increasing map of the scores gives the same curve; the sigmoid puts a
-                # logit or a margin in [0, 1], as TensorBoard wants.
-                self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores), self.step)
+                # logit or a margin in [0, 1], as TensorBoard wants. (Two classes only.)
+                if scores.dim() == 1:
+                    self.logger.pr_curve("val/pr_curve", targets, torch.sigmoid(scores),
+                                         self.step)
             self.logger.histograms(self.module, self.step)
         self._last_val, self._last_val_step = metrics, self.step
         self.logger.log(metrics, self.step)
@@ -516,6 +520,7 @@ class Trainer:
                          "last_train": self._last_train, "last_val": self._last_val,
                          "last_val_step": self._last_val_step},
             "world_size": self.processes.world_size,
+            "classes": self.data.classes.names,  # the labels, as written, of class 0, 1, ...
             "config": self.config,
             "versions": {"largeml": largeml.__version__, "torch": str(torch.__version__)},
         }
@@ -729,6 +734,19 @@ class Trainer:
             **({"stopped": self.stop_reason, "converged": self.stop_reason == "converged"}
                if self.stop_reason else {}),
         }
+
+
+def _check_classes(optimizer: Callable[..., Optimizer], data: DataModule) -> None:
+    """Newton's Hessian products and FTRL's step take one score a row: two classes."""
+    kind = getattr(optimizer, "func", optimizer)
+    if data.classes.binary or not (getattr(kind, "second_order", False)
+                                   or getattr(kind, "takes_batches", False)):
+        return
+    name = "newton" if getattr(kind, "second_order", False) else "ftrl"
+    raise ConfigError(
+        f"optimizer={name} trains two-class models, but the training rows have "
+        f"{data.classes}; use optimizer=lbfgs (in memory) or optimizer=adagrad (streamed), or "
+        "optimizer=auto, which picks one of them")
 
 
 def _check_batch_optimizer(processes: Processes, accumulate: int, clip: float | None) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from largeml.data import convert as convert_module
 from largeml.data import shards
@@ -21,6 +22,7 @@ from largeml.data.convert import cached, convert
 from largeml.data.libsvm import read_libsvm
 from largeml.data.shards import ShardIndex, open_shards
 from largeml.errors import ConfigError, DataError
+from largeml.labels import Classes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,8 +32,17 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+def as_classes(index: ShardIndex, y: np.ndarray) -> np.ndarray:
+    """Labels as written -> the class indices a stream serves (`largeml.labels`); rows to
+    score (one label, 0) as they are."""
+    if len(index.label_counts) < 2:
+        return y
+    return Classes.of_counts(index.label_counts, "test").index(torch.from_numpy(y)).numpy()
+
+
 def read_back(index: ShardIndex) -> tuple[np.ndarray, np.ndarray]:
-    """(dense features, labels) from the `.npy` files the index lists, read with np.load."""
+    """(dense features, class indices) from the `.npy` files the index lists, read with
+    np.load."""
     xs, ys = [], []
     for shard in index.shards:
         y = np.load(index.path(shard, "y"))
@@ -47,7 +58,7 @@ def read_back(index: ShardIndex) -> tuple[np.ndarray, np.ndarray]:
         x = np.zeros((shard.rows, index.n_features), dtype=np.float32)
         x[np.repeat(np.arange(shard.rows), np.diff(indptr)), indices] = values
         xs.append(x)
-    return np.concatenate(xs), np.concatenate(ys)
+    return np.concatenate(xs), as_classes(index, np.concatenate(ys))
 
 
 def read_csr(index: ShardIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -58,7 +69,7 @@ def read_csr(index: ShardIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     shifted = [p[1:] + o for p, o in zip(parts["indptr"], offsets, strict=True)]
     indptr = np.concatenate([[0], *shifted])
     return (indptr, np.concatenate(parts["indices"]), np.concatenate(parts["values"]),
-            np.concatenate(parts["y"]))
+            as_classes(index, np.concatenate(parts["y"])))
 
 
 @pytest.fixture
@@ -88,7 +99,7 @@ def test_libsvm_round_trip_sparse(tmp_path, request, chunked):
     index = convert(path, tmp_path / "out", shard_bytes=40)  # a shard every row or two
     assert len(index.shards) > 1
     assert (index.layout, index.rows, index.n_features, index.nnz) == ("sparse", 5, 5, 6)
-    assert index.label_counts == {"0": 2, "1": 3}
+    assert index.label_counts == {"-1": 2, "1": 3}  # as written
     x, y = read_back(index)
     np.testing.assert_array_equal(x, np.array(LIBSVM_X, dtype=np.float32))
     np.testing.assert_array_equal(y, LIBSVM_Y)
@@ -251,7 +262,7 @@ def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
     x, y = read_back(index)
     np.testing.assert_array_equal(x, features.astype(np.float32))
     np.testing.assert_array_equal(y, labels > 0)
-    assert index.label_counts == {"0": int((labels < 0).sum()), "1": int((labels > 0).sum())}
+    assert index.label_counts == {"-1": int((labels < 0).sum()), "1": int((labels > 0).sum())}
 
 
 # ----------------------------------------------------------------------------- errors
@@ -272,8 +283,7 @@ def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
         ("yes 1:1", "yes", None),  # label not a number
         ("qid:3 1:1", "qid:3", None),  # qid where the label belongs
         ("nan 1:1", "nan", None),
-        ("2 1:1", "'2'", None),  # label neither 0/1 nor -1/+1
-        ("-1 1:1", "'-1'", None),  # -1 in a file whose labels are 0/1 (line 2 has 0)
+        ("0.5 1:1", "'0.5'", None),  # a label is an integer class id
     ],
 )
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
@@ -293,15 +303,17 @@ def test_libsvm_error_names_file_line_and_token(tmp_path, request, bad_line, tok
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
-def test_mixed_minus_one_and_zero_names_both_lines(tmp_path, request, chunked):
+def test_labels_are_kept_as_written_and_counted(tmp_path, request, chunked):
+    # -1, 0 and 1 in one file are three classes (before multiclass they were an error); the
+    # classes are only known at the end, so the shards keep the labels as written.
     if chunked:
         request.getfixturevalue("small_chunks")
-    lines = ["1 1:1"] * 8 + ["-1 1:2"] + ["1 1:3"] * 8 + ["0 1:4"]
+    lines = ["1 1:1"] * 8 + ["-1 1:2"] + ["1 1:3"] * 8 + ["0 1:4"] + ["7 1:5"]
     path = _write(tmp_path / "mix.svm", "\n".join(lines) + "\n")
-    with pytest.raises(DataError) as err:
-        convert(path, tmp_path / "out")
-    assert f"{path}:18:" in str(err.value)
-    assert "line 9 has label -1" in str(err.value)
+    index = convert(path, tmp_path / "out")
+    assert index.label_counts == {"-1": 1, "0": 1, "1": 16, "7": 1}
+    _, y = read_back(index)
+    assert y.tolist() == [2.0] * 8 + [0.0] + [2.0] * 8 + [1.0, 3.0]
 
 
 @pytest.mark.parametrize(
@@ -309,9 +321,8 @@ def test_mixed_minus_one_and_zero_names_both_lines(tmp_path, request, chunked):
     [
         ("a,label\n1,0\n2,1\nabc,0\n", 4, "'a'", "'abc'"),
         ("a,label\n1,0\n2,1\nnan,0\n", 4, "'a'", "'nan'"),
-        ("a,label\n1,0\n2,1\n3,2\n", 4, "'label'", "'2'"),
+        ("a,label\n1,0\n2,1\n3,2.5\n", 4, "'label'", "'2.5'"),
         ("a,label\n1,0\n2,1\n3,yes\n", 4, "'label'", "'yes'"),
-        ("a,label\n1,0\n\n2,1\n2,-1\n", 5, "'label'", "line 2 has label 0"),  # mixes 0, -1
         ("a,label\n1,0\n\n4,,1\n", 4, None, "3 fields"),
     ],
 )
@@ -324,16 +335,6 @@ def test_csv_error_names_file_line_and_column(tmp_path, text, where, column, tok
     assert token in message
     if column:
         assert f"column {column}" in message
-
-
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
-def test_csv_mixed_labels_name_both_lines(tmp_path, request, chunked):
-    if chunked:
-        request.getfixturevalue("small_chunks")
-    path = _write(tmp_path / "mix.csv", "a,label\n\n\n1,0\n" + "2,1\n" * 30 + "3,-1\n")
-    with pytest.raises(DataError) as err:
-        convert(path, tmp_path / "out")
-    assert f"{path}:35: column 'label': label '-1', but line 4 has label 0" in str(err.value)
 
 
 def test_csv_label_column_not_in_header(tmp_path):
@@ -361,13 +362,13 @@ def test_npy_errors_name_the_files(tmp_path):
     np.save(tmp_path / "x.npy", np.ones((5, 2)))
     np.save(tmp_path / "y4.npy", np.ones(4))
     np.save(tmp_path / "y5.npy", np.array([1, 0, 1, 0, 1]))
-    np.save(tmp_path / "bad.npy", np.array([1.0, 0, 1, 0, 3]))
+    np.save(tmp_path / "bad.npy", np.array([1.0, 0, 1, 0, 3.5]))
     with pytest.raises(ConfigError, match="labels="):
         convert(tmp_path / "x.npy", tmp_path / "out")
     with pytest.raises(DataError) as err:
         convert(tmp_path / "x.npy", tmp_path / "out", labels=tmp_path / "y4.npy")
     assert str(tmp_path / "x.npy") in str(err.value) and str(tmp_path / "y4.npy") in str(err.value)
-    with pytest.raises(DataError, match="row 4: label '3'") as err:
+    with pytest.raises(DataError, match="row 4: label '3.5'") as err:
         convert(tmp_path / "x.npy", tmp_path / "out", labels=tmp_path / "bad.npy")
     assert str(tmp_path / "bad.npy") in str(err.value)
     features = np.ones((5, 2))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from largeml.data.libsvm import read_libsvm
-from largeml.data.sources import libsvm, normalize_labels
+from largeml.data.sources import libsvm
 from largeml.errors import DataError
 
 
@@ -41,18 +41,49 @@ def test_reads_gzip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(rows.to_dense(rows.width), [[0, 3], [7, 0]])
 
 
-@pytest.mark.parametrize("raw", [[-1, 1, 1, -1], [0, 1, 1, 0]])
-def test_normalize_labels_to_zero_one(raw: list[float]) -> None:
-    y = normalize_labels(np.array(raw, dtype=np.float32), "f.txt")
+@pytest.mark.parametrize("raw", ["-1 +1 +1 -1", "0 1 1 0"])
+def test_binary_labels_become_zero_one(tmp_path: Path, raw: str) -> None:
+    path = _write(tmp_path / "binary.txt", "".join(f"{label} 1:{i}\n"
+                                                   for i, label in enumerate(raw.split(), 1)))
+    data = libsvm(str(path), val_fraction=0.0)
+    assert data.classes.binary and data.n_features == 1
+    y = torch.cat([y for _, y in data.train_eval])
+    x = torch.cat([x for x, _ in data.train_eval])[:, 0]
     assert y.dtype == torch.float32
-    assert y.tolist() == [0.0, 1.0, 1.0, 0.0]
+    # Rows are in file order in the evaluation view: labels 0 1 1 0 by feature value 1 2 3 4.
+    assert dict(zip(x.tolist(), y.tolist())) == {1.0: 0.0, 2.0: 1.0, 3.0: 1.0, 4.0: 0.0}
 
 
-def test_labels_one_two_rejected_naming_file(tmp_path: Path) -> None:
-    path = _write(tmp_path / "labels.txt", "1 1:1\n2 1:2\n")
+def test_labels_one_two_are_two_classes(tmp_path: Path) -> None:
+    # {1, 2}: two classes, 1 the first (index 0), 2 the second (index 1).
+    path = _write(tmp_path / "labels.txt", "1 1:1\n2 1:2\n2 1:3\n")
+    data = libsvm(str(path), val_fraction=0.0)
+    assert data.classes.names == ["1", "2"]
+    assert torch.cat([y for _, y in data.train_eval]).tolist() == [0.0, 1.0, 1.0]
+
+
+def test_many_labels_are_many_classes(tmp_path: Path) -> None:
+    path = _write(tmp_path / "labels.txt", "3 1:1\n-2 1:2\n7 1:3\n3 1:4\n")
+    data = libsvm(str(path), val_fraction=0.0)
+    assert data.classes.names == ["-2", "3", "7"] and data.classes.n_outputs == 3
+    assert torch.cat([y for _, y in data.train_eval]).tolist() == [1.0, 0.0, 2.0, 1.0]
+
+
+@pytest.mark.parametrize("labels", ["1 1 1", "1 0.5 0"])
+def test_one_class_or_a_fractional_label_is_refused_naming_the_file(tmp_path: Path,
+                                                                   labels: str) -> None:
+    path = _write(tmp_path / "labels.txt", "".join(f"{label} 1:{i}\n"
+                                                   for i, label in enumerate(labels.split(), 1)))
     with pytest.raises(DataError) as err:
         libsvm(str(path), val_fraction=0.0)
     assert str(path) in str(err.value)
+
+
+def test_validation_label_unknown_to_training_is_refused(tmp_path: Path) -> None:
+    train = _write(tmp_path / "train.txt", "1 1:1\n2 1:2\n3 1:3\n")
+    val = _write(tmp_path / "val.txt", "1 1:1\n4 1:2\n")
+    with pytest.raises(DataError, match="label 4 is not one of the training classes"):
+        libsvm(str(train), str(val))
 
 
 @pytest.mark.parametrize(

@@ -44,10 +44,34 @@ def test_bce_is_stable_for_large_scores() -> None:
 
 @pytest.mark.parametrize("loss", [bce, hinge, squared_hinge])
 def test_losses_are_per_sample(loss) -> None:
-    scores = torch.randn(3, 4)
-    labels = (torch.rand(3, 4) > 0.5).float()
-    assert loss(scores, labels).shape == (3, 4)
-    assert loss(scores[0], labels[0]).shape == (4,)
+    scores = torch.randn(4)
+    labels = (torch.rand(4) > 0.5).float()
+    assert loss(scores, labels).shape == (4,)
+    # K scores a row (here 3): one loss a row.
+    assert loss(torch.randn(4, 3), torch.tensor([0.0, 2.0, 1.0, 2.0])).shape == (4,)
+
+
+def test_multiclass_losses_by_their_formulas() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(50, 4, dtype=torch.float64)
+    labels = torch.randint(0, 4, (50,)).double()
+    y = labels.long()
+    # softmax cross-entropy: −log p_y
+    p = scores.exp() / scores.exp().sum(1, keepdim=True)
+    torch.testing.assert_close(bce(scores, labels), -p[torch.arange(50), y].log())
+    # Crammer–Singer: max(0, 1 + max_{j≠y} s_j − s_y), row by row
+    expected = torch.tensor([max(0.0, 1 + max(s[j] for j in range(4) if j != t) - s[t])
+                             for s, t in zip(scores.tolist(), y.tolist(), strict=True)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(hinge(scores, labels), expected)
+    torch.testing.assert_close(squared_hinge(scores, labels), expected.pow(2))
+
+
+def test_two_scores_softmax_is_the_binary_logistic_loss() -> None:
+    # Two classes as two scores (s0, s1) are one score s1 − s0: the same loss.
+    scores = torch.randn(30, 2, dtype=torch.float64)
+    labels = (torch.rand(30) > 0.5).double()
+    torch.testing.assert_close(bce(scores, labels), bce(scores[:, 1] - scores[:, 0], labels))
 
 
 def test_hinge_gradient_is_the_subgradient() -> None:

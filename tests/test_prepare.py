@@ -34,7 +34,7 @@ def test_libsvm_to_shards(tmp_path):
     np.testing.assert_array_equal(y, LIBSVM_Y)
 
     summary = result.stdout.strip().splitlines()[-1]
-    assert summary.startswith("prepared 5 rows x 5 features, 6 nnz, sparse, labels 0: 2 / 1: 3")
+    assert summary.startswith("prepared 5 rows x 5 features, 6 nnz, sparse, labels -1: 2 / 1: 3")
     assert "data/train" in summary and "MB/s" in summary
     # Only the dataset was written: no run directory, no .hydra/, no log file.
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")

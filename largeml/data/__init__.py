@@ -1,7 +1,7 @@
 """Data sources (`synthetic`, `a9a`, `libsvm`) and the batch datasets the Trainer streams."""
 
 from largeml.data.batches import BatchDataset, DataModule, InMemoryBatches
-from largeml.data.sources import a9a, files, libsvm, normalize_labels, synthetic
+from largeml.data.sources import a9a, checked_labels, files, libsvm, synthetic
 
 __all__ = [
     "BatchDataset",
@@ -10,6 +10,6 @@ __all__ = [
     "a9a",
     "files",
     "libsvm",
-    "normalize_labels",
+    "checked_labels",
     "synthetic",
 ]

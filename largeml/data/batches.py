@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset
 
 from largeml.errors import ConfigError
+from largeml.labels import BINARY, Classes
 
 
 def check_batch_size(batch_size: int, world_size: int) -> None:
@@ -134,3 +135,5 @@ class DataModule:
     held_bytes: int = 0  # what all training rows take in memory (the full-batch solvers' need)
     sparse: bool = False
     scale: str = "auto"  # data.scale: auto | standard | maxabs | none (largeml.data.scaling)
+    # The training labels' classes; batches carry class indices (`largeml.labels`).
+    classes: Classes = BINARY

@@ -335,7 +335,8 @@ def _fits_float32(values: np.ndarray) -> bool:
 
 
 class _Labels:
-    """Checks one file's raw labels: {0, 1} or {-1, +1}, never both -1 and 0 in a file."""
+    """Checks one file's raw labels: finite integers (class ids, `largeml.labels`), kept as
+    written; remembers where each label was first seen."""
 
     def __init__(self, unit: str) -> None:
         self.unit = unit  # "line" or "row": how a place in the file is named
@@ -343,34 +344,25 @@ class _Labels:
 
     def accept(self, raw: np.ndarray, places: np.ndarray) -> bool:
         """Records a chunk's labels; False (recording nothing) if any is wrong."""
-        if not np.isin(raw, (-1.0, 0.0, 1.0)).all():
+        if not (np.isfinite(raw) & (raw == np.round(raw))).all():
             return False
-        new = {v: int(places[np.argmax(raw == v)]) for v in (-1.0, 0.0, 1.0)
-               if v not in self.first and (raw == v).any()}
-        if -1.0 in self.first | new and 0.0 in self.first | new:
-            return False
-        self.first.update(new)
+        for v in np.unique(raw).tolist():
+            self.first.setdefault(v, int(places[np.argmax(raw == v)]))
         return True
 
     def check(self, value: float, token: str, where: str, place: int) -> None:
         """Records one label or raises the DataError that says what is wrong with it."""
         if not math.isfinite(value):
             raise DataError(f"{where}: label {token!r} is not finite")
-        if value not in (-1.0, 0.0, 1.0):
-            raise DataError(
-                f"{where}: label {token!r}: labels must be binary, {{0, 1}} or {{-1, +1}}"
-            )
-        other = {-1.0: 0.0, 0.0: -1.0}.get(value)
-        if other in self.first:
-            raise DataError(
-                f"{where}: label {token!r}, but {self.unit} {self.first[other]} has label "
-                f"{other:g}: a file's labels must be {{0, 1}} or {{-1, +1}}, not a mix"
-            )
+        if value != round(value):
+            raise DataError(f"{where}: label {token!r} is not an integer class id; labels are "
+                            "integers (0/1, -1/+1, or 0 ... K-1, 1 ... K)")
         self.first.setdefault(value, place)
 
 
-def _to_01(raw: np.ndarray) -> np.ndarray:
-    return (raw > 0).astype(np.float32)
+def _stored(raw: np.ndarray) -> np.ndarray:
+    """Labels as stored: as written, float32 (class ids are exact in float32 below 2^24)."""
+    return raw.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- LIBSVM
@@ -473,7 +465,7 @@ def _libsvm_fast(chunk: bytes, lineno: int, n_features: int | None,
     if not labels.accept(raw, lineno + np.searchsorted(newlines, starts[heads])):
         return None
     counts = np.diff(np.append(heads, len(starts))) - 1
-    return _Rows(y=_to_01(raw), indptr=np.concatenate([[0], np.cumsum(counts)]),
+    return _Rows(y=_stored(raw), indptr=np.concatenate([[0], np.cumsum(counts)]),
                  indices=(index - 1).astype(np.int32), values=values.astype(np.float32))
 
 
@@ -493,7 +485,7 @@ def _libsvm_slow(chunk: bytes, lineno: int, path: Path, n_features: int | None,
         indices += row_indices
         values += row_values
         indptr.append(len(indices))
-    return _Rows(y=_to_01(np.array(raw)), indptr=np.array(indptr, dtype=np.int64),
+    return _Rows(y=_stored(np.array(raw)), indptr=np.array(indptr, dtype=np.int64),
                  indices=np.array(indices, dtype=np.int32),
                  values=np.array(values, dtype=np.float32))
 
@@ -530,7 +522,7 @@ def _convert_csv(path: Path, chunks: Iterator[tuple[int, bytes]], output: str | 
             if matrix is None:
                 matrix = _csv_slow(text, first_line, path, header, label_at, labels)
             y = np.zeros(len(matrix)) if label_at is None else matrix[:, label_at]
-            rows = _Rows(y=_to_01(y), x=matrix[:, features].astype(np.float32))
+            rows = _Rows(y=_stored(y), x=matrix[:, features].astype(np.float32))
             _write_dense(writer, rows, len(features), piece)
             rows_read += len(matrix)
         if not rows_read:
@@ -672,7 +664,7 @@ def _convert_npy(path: Path, labels_path: Path, output: str | Path, n_features: 
             if not check.accept(raw, lo + np.arange(len(raw))):
                 for i, value in enumerate(raw, lo):
                     check.check(float(value), f"{value:g}", f"{labels_path}: row {i}", i)
-            rows = _Rows(y=_to_01(raw), x=features.astype(np.float32))
+            rows = _Rows(y=_stored(raw), x=features.astype(np.float32))
             _write_dense(writer, rows, x.shape[1], _piece_bytes(shard_bytes))
             done = lo + len(features)
             progress.update(progress.total * done / len(x),

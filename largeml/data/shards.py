@@ -2,7 +2,7 @@
 
     dataset/
       index.json          what is below, with per-file sizes and CRC-32 checksums
-      y-00000.npy         float32 (rows,): labels, already normalised to {0, 1}
+      y-00000.npy         float32 (rows,): labels as written (integer class ids)
       x-00000.npy         dense:  float32 (rows, n_features), row-major
       indptr-00000.npy    sparse: int64 (rows + 1,), starting at 0 in every shard
       indices-00000.npy   sparse: int32 (nnz,), 0-based feature indices
@@ -31,6 +31,7 @@ import numpy as np
 
 from largeml.errors import DataError
 from largeml.files import fsync_dir
+from largeml.labels import count_labels
 
 FORMAT = "largeml-shards"
 VERSION = 1
@@ -115,7 +116,7 @@ class ShardWriter:
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self.tmp_dir.mkdir(parents=True)
         self.shards: list[Shard] = []
-        self.label_counts = {"0": 0, "1": 0}
+        self.label_counts: dict[str, int] = {}  # rows per label, as written
         self.width = 0  # highest feature index seen + 1
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_bytes = 0
@@ -130,7 +131,7 @@ class ShardWriter:
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def write_dense(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Appends rows: `x` float32 (n, n_features), `y` labels in {0, 1}."""
+        """Appends rows: `x` float32 (n, n_features), `y` labels (integer class ids)."""
         assert self.layout == "dense" and x.shape == (len(y), self.n_features), x.shape
         self._count_labels(y)
         self._pending.append((np.ascontiguousarray(y, np.float32),
@@ -179,11 +180,8 @@ class ShardWriter:
         return open_shards(self.out_dir)
 
     def _count_labels(self, y: np.ndarray) -> None:
-        ones = int(np.count_nonzero(y == 1))
-        if ones + int(np.count_nonzero(y == 0)) != len(y):
-            raise DataError(f"labels must be 0 or 1 after normalisation, got {np.unique(y)[:10]}")
-        self.label_counts["1"] += ones
-        self.label_counts["0"] += len(y) - ones
+        for label, n in count_labels(y).items():
+            self.label_counts[label] = self.label_counts.get(label, 0) + n
 
     def _add_pending(self, nbytes: int) -> None:
         self._pending_bytes += nbytes

@@ -20,6 +20,7 @@ from largeml.data.resident import ResidentStream
 from largeml.data.shards import ShardIndex, open_shards
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError
+from largeml.labels import Classes, check_integer, count_labels
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +34,11 @@ EVAL_BATCH_SIZE = 8192
 BYTES_PER_FEATURE = 32
 
 
-def normalize_labels(labels: np.ndarray | Tensor, where: str) -> Tensor:
-    """Maps labels given as {0, 1} or {−1, +1} to float {0, 1}."""
-    y = torch.as_tensor(labels, dtype=torch.float32)
-    found = set(torch.unique(y).tolist())
-    if found <= {0.0, 1.0}:
-        return y
-    if found <= {-1.0, 1.0}:
-        return (y > 0).float()
-    shown = sorted(found)[:10]
-    raise DataError(f"{where}: labels must be binary, {{0, 1}} or {{-1, +1}}; found {shown}")
+def checked_labels(raw: np.ndarray | Tensor, where: str) -> Tensor:
+    """Labels as written, float32, once checked to be integer class ids (`largeml.labels`)."""
+    y = torch.as_tensor(raw, dtype=torch.float32)
+    check_integer(y.double().numpy(), where)
+    return y
 
 
 def _module(
@@ -54,10 +50,20 @@ def _module(
     rank: int,
     world_size: int,
     scale: str = "auto",
+    where: tuple[str, str] = ("training rows", "validation rows"),
 ) -> DataModule:
+    """In-memory rows, labels as written: the classes are the training labels', and both sets'
+    labels become class indices."""
     if batch_size < 1:
         raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
     scaling.check(scale, sparse=False)
+    classes = Classes.of_labels(train[1], where[0])
+    train = train[0], classes.index(train[1])
+    if val is not None:
+        classes.check(count_labels(val[1]), where[1])
+        val = val[0], classes.index(val[1])
+    if not classes.binary:
+        description += f"; {classes}"
 
     def share(rows: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         lo, hi = eval_share(len(rows[1]), rank, world_size)  # each rank its own rows
@@ -73,6 +79,7 @@ def _module(
         train_eval=InMemoryBatches(*share(train), EVAL_BATCH_SIZE, shuffle=False),
         held_bytes=train[0].numel() * 4 + len(train[1]) * 4,
         scale=scale,
+        classes=classes,
     )
 
 
@@ -153,7 +160,7 @@ def libsvm(
     width = n_features or max(train_rows.width, val_rows.width if val_rows else 0)
 
     def tensors(rows, path: str) -> tuple[Tensor, Tensor]:
-        return torch.from_numpy(rows.to_dense(width)), normalize_labels(rows.labels, path)
+        return torch.from_numpy(rows.to_dense(width)), checked_labels(rows.labels, path)
 
     train = tensors(train_rows, train_path)
     if val_rows is None:
@@ -162,7 +169,9 @@ def libsvm(
         val = tensors(val_rows, val_path)
     n_val = 0 if val is None else len(val[1])
     description = f"libsvm {train_path}: {len(train[1])} train, {n_val} val rows x {width}"
-    return _module(train, val, batch_size, seed, description, rank, world_size, scale)
+    return _module(train, val, batch_size, seed, description, rank, world_size, scale,
+                   where=(f"data.train_path {train_path}",
+                          f"data.val_path {val_path}" if val_path else "data.val_fraction"))
 
 
 def a9a(batch_size: int = 256, seed: int = 0, scale: str = "auto", rank: int = 0,
@@ -309,14 +318,20 @@ def files(
             f"{train_path} has {train.n_features}; give both data.n_features, or files of one width"
         )
     scaling.check(scale, sparse=train.layout == "sparse")
+    classes = Classes.of_counts(train.label_counts, f"data.train_path {train_path}")
+    if val is not None:
+        classes.check(val.label_counts, f"data.val_path {val_path}")
     stream = ShardStream(train, batch_size, shuffle=True, seed=seed,
-                         shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size)
+                         shuffle_blocks=shuffle_blocks, rank=rank, world_size=world_size,
+                         classes=classes)
     train_eval = ShardStream(train, EVAL_BATCH_SIZE, shuffle=False, rank=rank,
-                             world_size=world_size, evaluation=True)
+                             world_size=world_size, evaluation=True, classes=classes)
     if val is not None:
         val = ShardStream(val, EVAL_BATCH_SIZE, shuffle=False, rank=rank, world_size=world_size,
-                          n_features=train.n_features, evaluation=True)
+                          n_features=train.n_features, evaluation=True, classes=classes)
     description = f"{train.layout} shards {train.root}: {train.rows} rows x {train.n_features}"
+    if not classes.binary:
+        description += f", {classes}"
     if val is not None:
         description += f", validation {val.index.rows} rows"
     if resident:
@@ -331,4 +346,4 @@ def files(
                       description=description, n_train=train.rows, num_workers=num_workers,
                       reader_threads=0 if num_workers or resident else 1, resident=resident,
                       train_eval=train_eval, held_bytes=held_bytes,
-                      sparse=train.layout == "sparse", scale=scale)
+                      sparse=train.layout == "sparse", scale=scale, classes=classes)

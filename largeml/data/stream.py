@@ -43,6 +43,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from largeml.data.batches import check_batch_size, eval_share, global_batches, rank_share
 from largeml.data.shards import ShardIndex, data_offset, open_shards
+from largeml.labels import Classes
 
 Batch = tuple[Tensor, Tensor]
 Runs = list[tuple[int, int]]  # (first row, rows) runs of a batch, rows counted within the slice
@@ -61,9 +62,11 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         n_features: int | None = None,
         evaluation: bool = False,
+        classes: Classes | None = None,
     ) -> None:
         """`n_features` widens sparse batches beyond the data's own width, e.g. to the width of
-        the training set when a validation set lacks its last features."""
+        the training set when a validation set lacks its last features. With `classes` (the
+        training set's), labels come as class indices; without, as written."""
         self.index = root if isinstance(root, ShardIndex) else open_shards(root)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -82,6 +85,7 @@ class ShardStream(IterableDataset):
         self.n_blocks = global_batches(self.n_rows, batch_size, self.world_size)
         self.shard_starts = np.cumsum([0] + [s.rows for s in self.index.shards]).tolist()
         self.epoch, self.start_batch = 0, 0
+        self.classes = classes
 
     def __len__(self) -> int:
         return self.n_blocks
@@ -110,7 +114,7 @@ class ShardStream(IterableDataset):
         reader = _SparseReader(self) if self.sparse else _DenseReader(self, reuse=info is None)
         # Each item reads the next batch; planned a group at a time as the epoch goes, not all
         # at its start (an epoch of a large set has millions of batches).
-        work = (partial(reader.batch, runs) for runs in self.lane_runs(lane, n_workers))
+        work = (partial(self._read, reader, runs) for runs in self.lane_runs(lane, n_workers))
         pool = ThreadPoolExecutor(max_workers=1)
         pending: deque[Future[Batch]] = deque()
         try:
@@ -125,6 +129,10 @@ class ShardStream(IterableDataset):
                 future.cancel()
             pool.shutdown(wait=True)
             reader.close()
+
+    def _read(self, reader: "_DenseReader | _SparseReader", runs: Runs) -> Batch:
+        x, y = reader.batch(runs)
+        return x, (y if self.classes is None else self.classes.index(y))
 
     def lane_runs(self, lane: int, n_workers: int) -> Iterator[Runs]:
         """The runs of each batch that lane `lane` of `n_workers` serves this epoch, from its
