@@ -6,7 +6,10 @@ checkpoint, the data streamed in batches of `batch_size` rows (a shard directory
 converted once into the cache, as `data=files` does), and the metrics printed as JSON and
 written to `output`: `loss` (the training loss, as `val/loss`), `accuracy`, `auc`, `precision`,
 `recall`, `f1`, `log_loss` (logistic models only), `hinge_loss`, `confusion_matrix` ([[tn, fp],
-[fn, tp]]) and `rows`. A missing file or a bad option stops with exit code 2.
+[fn, tp]]) and `rows`. For more than two classes, `auc` is the one-vs-rest mean, `precision`,
+`recall` and `f1` are macro means, beside `macro_*`, `weighted_*`, `top_5_accuracy`, `classes`
+(the labels as written, in the confusion matrix's order) and the K×K `confusion_matrix`. A
+missing file or a bad option stops with exit code 2.
 """
 
 import json
@@ -30,6 +33,7 @@ from largeml.data.sources import labelled, prepared
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError, DataError, LargemlError
 from largeml.files import replace_text
+from largeml.labels import BINARY, Classes
 from largeml.progress import Progress
 from largeml.train import build_function
 from largeml.trainer import autocast, resolve_device
@@ -51,8 +55,9 @@ def model_width(state: dict[str, Tensor]) -> int:
     return next(t.shape[1] for t in state.values() if t.ndim == 2)
 
 
-def load_model(path: str) -> tuple[nn.Module, dict[str, Any]]:
-    """The checkpoint's model in eval mode, on CPU, and the training config saved with it."""
+def load_model(path: str) -> tuple[nn.Module, dict[str, Any], Classes]:
+    """The checkpoint's model in eval mode, on CPU, the training config saved with it and the
+    classes it was trained on (two, 0 and 1, for checkpoints older than that record)."""
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint: no such file: {path}")
     try:
@@ -60,9 +65,11 @@ def load_model(path: str) -> tuple[nn.Module, dict[str, Any]]:
     except DamagedCheckpoint as err:
         raise DataError(f"checkpoint: {err}") from None
     config, state = checkpoint["config"], checkpoint["model"]
-    model = instantiate(config["model"], n_features=model_width(state))
+    classes = Classes.of_names(checkpoint.get("classes", BINARY.names))
+    model = instantiate(config["model"], n_features=model_width(state),
+                        n_outputs=classes.n_outputs)
     model.load_state_dict(state)
-    return model.eval(), config
+    return model.eval(), config, classes
 
 
 def is_logistic(config: dict[str, Any]) -> bool:
@@ -83,14 +90,19 @@ def open_data(data: DictConfig, key: str = "data.path") -> ShardIndex:
     return labelled(prepared(path, key, data.format, data.cache_dir, **options), key)
 
 
-def stream(index: ShardIndex, width: int, batch_size: int, key: str) -> ShardStream:
-    """The rows of `index` in file order, batch by batch, `width` features wide."""
+def stream(index: ShardIndex, width: int, batch_size: int, key: str,
+           classes: Classes | None = None) -> ShardStream:
+    """The rows of `index` in file order, batch by batch, `width` features wide; with
+    `classes` (the checkpoint's), labels as class indices, checked to be among them."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if index.n_features > width or (index.layout == "dense" and index.n_features != width):
         raise DataError(f"{key} {index.root} has {index.n_features} features but the model "
                         f"takes {width}; use data of the training set's width")
-    return ShardStream(index, batch_size, shuffle=False, n_features=width, evaluation=True)
+    if classes is not None:
+        classes.check(index.label_counts, f"{key} {index.source.get('path', index.root)}")
+    return ShardStream(index, batch_size, shuffle=False, n_features=width, evaluation=True,
+                       classes=classes)
 
 
 def precision_of(config: dict[str, Any]) -> str:
@@ -122,8 +134,8 @@ def scores_of(model: nn.Module, batches: ShardStream, device: torch.device,
 
 
 def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
-             device: torch.device) -> dict[str, Any]:
-    """Every metric over all rows of `batches`."""
+             device: torch.device, classes: Classes = BINARY) -> dict[str, Any]:
+    """Every metric over all rows of `batches` (labels as class indices of `classes`)."""
     pairs = list(scores_of(model.to(device), batches, device, precision_of(config)))
     s = torch.cat([p[0] for p in pairs])
     t = torch.cat([p[1] for p in pairs]).float()
@@ -131,14 +143,21 @@ def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
         "loss": build_function(OmegaConf.create(config["loss"]))(s, t).mean().item(),
         "accuracy": metrics.accuracy(s, t),
         "auc": metrics.roc_auc(s, t),
-        "precision": metrics.precision(s, t),
-        "recall": metrics.recall(s, t),
-        "f1": metrics.f1(s, t),
     }
+    if classes.binary:
+        result.update(precision=metrics.precision(s, t), recall=metrics.recall(s, t),
+                      f1=metrics.f1(s, t))
+    else:
+        means = metrics.averaged(s, t)
+        result.update(precision=means["macro_precision"], recall=means["macro_recall"],
+                      f1=means["macro_f1"], **means,
+                      top_5_accuracy=metrics.top_k_accuracy(s, t, 5))
     if is_logistic(config):
         result["log_loss"] = metrics.log_loss(s, t)
     result["hinge_loss"] = metrics.hinge_loss(s, t)
     result["confusion_matrix"] = metrics.confusion_matrix(s, t)
+    if not classes.binary:
+        result["classes"] = classes.names
     result["rows"] = len(t)
     return result
 
@@ -167,10 +186,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
     checkpoint = str(required(cfg, "checkpoint", usage))
     data_path = str(required(cfg, "data.path", usage))
     device = resolve_device(cfg.device)
-    model, config = load_model(checkpoint)
+    model, config, classes = load_model(checkpoint)
     index = open_data(cfg.data)
-    batches = stream(index, model_width(model.state_dict()), cfg.batch_size, "data.path")
-    result = evaluate(model, config, batches, device)
+    batches = stream(index, model_width(model.state_dict()), cfg.batch_size, "data.path",
+                     classes)
+    result = evaluate(model, config, batches, device, classes)
     output = Path(cfg.output) if cfg.output else default_output(checkpoint, data_path)
     write_json({**result, "checkpoint": str(Path(checkpoint).resolve()),
                 "data": str(Path(data_path).resolve())}, output)

@@ -5,8 +5,10 @@ The keys are in `configs/export.yaml`. The file holds n_features + 1 values, the
 w_1 ... w_n then the bias b, so that score = x · w + b on the raw features: a model trained
 with feature scaling (`data.scale`, x' = (x − shift)·mult) has it folded in (w = w'·mult,
 b = b' − Σ w·shift). A float32 `.npy`, or text with one value a line (9 significant digits,
-exact for float32) after `#` comment lines. A missing file, a
-model that is not linear or another extension stops with exit code 2.
+exact for float32) after `#` comment lines. A model of K > 2 classes has K such rows, one per
+class in the order of its labels (named in the text file's header): a (K, n_features + 1)
+`.npy`, or K lines of text. A missing file, a model that is not linear or another extension
+stops with exit code 2.
 """
 
 import logging
@@ -19,20 +21,23 @@ from omegaconf import DictConfig
 
 from largeml.errors import ConfigError, LargemlError
 from largeml.evaluate import CONFIG_DIR, load_model, required
+from largeml.labels import Classes
 from largeml.models import Linear
 
 log = logging.getLogger(__name__)
 
 
-def linear_weights(checkpoint: str) -> np.ndarray:
-    """[w_1, ..., w_n, b] of a checkpoint's linear model, as float32."""
-    model, config = load_model(checkpoint)
+def linear_weights(checkpoint: str) -> tuple[np.ndarray, Classes]:
+    """[w_1, ..., w_n, b] of a checkpoint's linear model, as float32 (one row per class for
+    more than two), and its classes."""
+    model, config, classes = load_model(checkpoint)
     if not isinstance(model, Linear):
         raise ConfigError(f"checkpoint {checkpoint} holds a {config['model']['_target_']}; "
                           "export writes linear models only (model=logreg or model=svm)")
-    weight = model.linear.weight.detach()[0].double() * model.input.mult.double()
-    bias = model.linear.bias.detach().double() - (weight * model.input.shift.double()).sum()
-    return np.append(weight.numpy(), bias.numpy()).astype(np.float32)
+    weight = model.linear.weight.detach().double() * model.input.mult.double()
+    bias = model.linear.bias.detach().double() - weight @ model.input.shift.double()
+    values = np.concatenate([weight.numpy(), bias.numpy()[:, None]], axis=1).astype(np.float32)
+    return (values[0] if classes.binary else values), classes
 
 
 def run(cfg: DictConfig) -> tuple[int, Path]:
@@ -42,15 +47,19 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
     output = Path(str(required(cfg, "output", usage)))
     if output.suffix not in (".npy", ".txt"):
         raise ConfigError(f"output={output} must end in .npy or .txt")
-    values = linear_weights(checkpoint)
+    values, classes = linear_weights(checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
+    width = values.shape[-1] - 1
     if output.suffix == ".npy":
         np.save(output, values)
     else:
         header = (f"largeml linear model from {Path(checkpoint).resolve()}\n"
-                  f"score = x . w + b; {len(values) - 1} weights w_1..w_n, then the bias b")
+                  f"score = x . w + b; {width} weights w_1..w_n, then the bias b")
+        if not classes.binary:
+            header += (f"\none line per class, scores of classes {' '.join(classes.names)}; "
+                       "the predicted class has the highest score")
         np.savetxt(output, values, fmt="%.9g", header=header)
-    return len(values) - 1, output
+    return width, output
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")

@@ -3,7 +3,9 @@ prediction per input row, in the input's order.
 
 The keys are in `configs/predict.yaml`. Per row: `score` (the model's output), `probability`
 (sigmoid of the score, for models trained with `loss=bce` only) and `label` (1 if score > 0,
-else 0). The input is read and the output written `batch_size` rows at a time, so memory is one
+else 0). For a model of K > 2 classes: `score_<label>` for each class, `probability_<label>`
+(the softmax, loss=bce only) and `label`, the class of the highest score as the training data
+wrote it. The input is read and the output written `batch_size` rows at a time, so memory is one
 batch whatever the file's size. A `.npy` input is read in place (memory-mapped) and needs no
 labels, nor does a CSV without a `label` column; shard directories and LIBSVM / CSV files go
 through the same conversion cache as `data=files`. A missing file or a bad option stops with
@@ -36,6 +38,7 @@ from largeml.evaluate import (
     scores_of,
     stream,
 )
+from largeml.labels import BINARY, Classes
 from largeml.trainer import resolve_device
 
 log = logging.getLogger(__name__)
@@ -82,11 +85,20 @@ def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
     return index.rows, (s for s, _ in scores_of(model, shards, device, precision))
 
 
-def columns(scores: Tensor, logistic: bool) -> dict[str, np.ndarray]:
-    out = {"score": scores.numpy()}
+def columns(scores: Tensor, logistic: bool, classes: Classes = BINARY) -> dict[str, np.ndarray]:
+    """The output columns of a batch's scores, in order."""
+    if classes.binary:
+        out = {"score": scores.numpy()}
+        if logistic:
+            out["probability"] = torch.sigmoid(scores).numpy()
+        out["label"] = (scores > 0).to(torch.int8).numpy()
+        return out
+    out = {f"score_{name}": scores[:, k].numpy() for k, name in enumerate(classes.names)}
     if logistic:
-        out["probability"] = torch.sigmoid(scores).numpy()
-    out["label"] = (scores > 0).to(torch.int8).numpy()
+        p = torch.softmax(scores, dim=1)
+        out |= {f"probability_{name}": p[:, k].numpy() for k, name in enumerate(classes.names)}
+    table = np.array(classes.values, dtype=np.int64)
+    out["label"] = table[scores.argmax(1).numpy()]
     return out
 
 
@@ -99,17 +111,19 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
     if output.suffix not in (".csv", ".npy"):
         raise ConfigError(f"output={output} must end in .csv or .npy")
     device = resolve_device(cfg.device)
-    model, config = load_model(checkpoint)
+    model, config, classes = load_model(checkpoint)
     logistic = wants_probability(cfg.probability, config)
     rows, batches = input_scores(cfg, model.to(device), device, precision_of(config))
-    names = ["score", "probability", "label"] if logistic else ["score", "label"]
+    names = list(columns(torch.zeros((1, classes.k) if classes.n_outputs > 1 else 1), logistic,
+                         classes))
     output.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     if output.suffix == ".npy":
-        dtype = np.dtype([(n, "i1" if n == "label" else "f4") for n in names])
+        label_type = "i1" if classes.binary else "i8"
+        dtype = np.dtype([(n, label_type if n == "label" else "f4") for n in names])
         table = np.lib.format.open_memmap(output, mode="w+", dtype=dtype, shape=(rows,))
         for scores in batches:
-            for name, values in columns(scores, logistic).items():
+            for name, values in columns(scores, logistic, classes).items():
                 table[name][written:written + len(scores)] = values
             written += len(scores)
         table.flush()
@@ -118,7 +132,7 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
         with open(output, "w") as file:
             file.write(",".join(names) + "\n")
             for scores in batches:
-                values = columns(scores, logistic)
+                values = columns(scores, logistic, classes)
                 np.savetxt(file, np.column_stack([values[n] for n in names]),
                            fmt=["%.9g"] * (len(names) - 1) + ["%d"], delimiter=",")
                 written += len(scores)

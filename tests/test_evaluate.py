@@ -188,7 +188,7 @@ def test_evaluate_bad_arguments_name_the_key(tmp_path, shards, checkpoint, args,
         evaluate.run(cfg)
 
 
-def test_evaluate_rejects_labels_that_are_not_binary(tmp_path, checkpoint):
+def test_evaluate_rejects_labels_outside_the_training_classes(tmp_path, checkpoint):
     data = tmp_path / "multi.csv"
     rows = np.random.default_rng(0).normal(size=(5, 12))
     lines = ["label," + ",".join(f"f{i}" for i in range(12))]
@@ -198,7 +198,7 @@ def test_evaluate_rejects_labels_that_are_not_binary(tmp_path, checkpoint):
     result = run_module("evaluate", f"checkpoint={checkpoint}", f"data.path={data}",
                         cwd=tmp_path)
     assert result.returncode == 2
-    assert "multi.csv" in result.stdout and "binary" in result.stdout
+    assert f"data.path {data}: label 2 is not one of the training classes (0, 1)" in result.stdout
 
 
 def test_evaluate_rejects_data_of_another_width(tmp_path, checkpoint):

@@ -43,7 +43,7 @@ def svm(tmp_path_factory) -> Path:
 
 def direct_scores(checkpoint: Path, x: np.ndarray) -> np.ndarray:
     """The checkpoint's model applied to all of `x` at once, in this process."""
-    model, _ = load_model(str(checkpoint))
+    model, _, _ = load_model(str(checkpoint))
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
 
@@ -172,7 +172,7 @@ def test_predict_streams_one_batch_at_a_time(tmp_path, logreg, features, name):
     cfg = OmegaConf.create({"input": str(tmp_path / name), "format": "auto", "n_features": None,
                             "label_column": "label", "cache_dir": str(tmp_path / "cache"),
                             "batch_size": BATCH})
-    model, _ = load_model(str(logreg))
+    model, _, _ = load_model(str(logreg))
     rows, batches = input_scores(cfg, model, torch.device("cpu"))
     sizes = [len(scores) for scores in batches]
     assert rows == ROWS == sum(sizes)
