@@ -26,7 +26,7 @@ Features = np.ndarray | sparse.csr_matrix
 
 class Split(NamedTuple):
     x_train: Features
-    y_train: np.ndarray  # float64 {0, 1}
+    y_train: np.ndarray  # float64 {0, 1} (class ids 0 ... K−1 for the multiclass sets)
     x_val: Features
     y_val: np.ndarray
 
@@ -163,6 +163,35 @@ def digits(seed: int = 0) -> Split:
     data = load_digits()
     return _split(data.data, (data.target == 8).astype(np.float64),
                   np.random.default_rng(seed), 0.25)
+
+
+def digits_classes(seed: int = 0) -> Split:
+    """scikit-learn's 8 × 8 digits, all ten classes (labels 0 ... 9)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return _split(data.data, data.target.astype(np.float64), np.random.default_rng(seed), 0.25)
+
+
+def topics(seed: int = 0, n_classes: int = 20, vocabulary: int = 3000, rows: int = 4000) -> Split:
+    """Documents from a topic model, labelled by topic (0 ... n_classes − 1): each topic a
+    sparse word distribution (Dirichlet(0.05) over the vocabulary), each document ~30 words,
+    65 % from its own topic and 35 % from another, chosen at random (so topics overlap and the
+    classes are not separable); features log(1 + count), each row scaled to unit length, as
+    tf-idf-like text features are. Sparse CSR."""
+    rng = np.random.default_rng(seed)
+    words = rng.dirichlet(np.full(vocabulary, 0.05), size=n_classes)
+    y = rng.integers(0, n_classes, rows)
+    other = (y + rng.integers(1, n_classes, rows)) % n_classes
+    lengths = rng.poisson(25, rows) + 5
+    counts = np.zeros((rows, vocabulary))
+    for i in range(rows):
+        own = rng.binomial(lengths[i], 0.65)
+        counts[i] += rng.multinomial(own, words[y[i]])
+        counts[i] += rng.multinomial(lengths[i] - own, words[other[i]])
+    x = np.log1p(counts)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return _split(sparse.csr_matrix(x), y.astype(np.float64), rng, 0.25)
 
 
 SETS: dict[str, Callable[[int], Split]] = {
