@@ -25,12 +25,17 @@ def _positive(cfg: DictConfig, key: str, integer: bool = False, optional: bool =
         raise ConfigError(f"{key} must be {what}, got {value!r}")
 
 
+# Keys of a section that are not arguments of its target: the loss's class weights are
+# resolved from the data, then applied around the loss function (largeml.train.loss_function).
+EXTRA_KEYS = {"loss": {"class_weight"}}
+
+
 def _known_keys(cfg: DictConfig, section: str, target: Callable, runtime: set[str]) -> None:
     """Every key of `section` must be an argument of `target`; `runtime` ones are passed in code."""
     parameters = inspect.signature(target).parameters
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         return
-    allowed = set(parameters) - runtime - {"self"}
+    allowed = (set(parameters) - runtime - {"self"}) | EXTRA_KEYS.get(section, set())
     for key in cfg[section]:
         if not key.startswith("_") and key not in allowed:
             takes = ", ".join(sorted(allowed)) or "no settings"
@@ -46,7 +51,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"config has no {missing[0]!r} section; pick one, e.g. {missing[0]}=...")
     for section, runtime in (
-        ("model", {"n_features"}),
+        ("model", {"n_features", "n_outputs"}),
         ("optimizer", {"params"}),
         ("scheduler", {"optimizer", "total_steps", "l2"}),
         ("data", {"rank", "world_size"}),

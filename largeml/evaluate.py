@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from largeml import metrics
+from largeml import losses, metrics
 from largeml.checkpoint import DamagedCheckpoint, load_checkpoint
 from largeml.data.shards import ShardIndex
 from largeml.data.sources import labelled, prepared
@@ -56,8 +56,9 @@ def model_width(state: dict[str, Tensor]) -> int:
 
 
 def load_model(path: str) -> tuple[nn.Module, dict[str, Any], Classes]:
-    """The checkpoint's model in eval mode, on CPU, the training config saved with it and the
-    classes it was trained on (two, 0 and 1, for checkpoints older than that record)."""
+    """The checkpoint's model in eval mode, on CPU, the training config saved with it (its
+    `loss.class_weight` resolved to the weights the run used, in class order) and the classes
+    it was trained on (two, 0 and 1, for checkpoints older than that record)."""
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint: no such file: {path}")
     try:
@@ -69,6 +70,7 @@ def load_model(path: str) -> tuple[nn.Module, dict[str, Any], Classes]:
     model = instantiate(config["model"], n_features=model_width(state),
                         n_outputs=classes.n_outputs)
     model.load_state_dict(state)
+    config["loss"] = {**config["loss"], "class_weight": checkpoint.get("class_weights")}
     return model.eval(), config, classes
 
 
@@ -133,6 +135,13 @@ def scores_of(model: nn.Module, batches: ShardStream, device: torch.device,
         progress.close()
 
 
+def loss_of(config: dict[str, Any]):
+    """The training run's loss, class weights included (as `load_model` gives them)."""
+    loss_fn = build_function(OmegaConf.create(config["loss"]))
+    weights = config["loss"].get("class_weight")
+    return loss_fn if weights is None else losses.weighted(loss_fn, torch.tensor(weights))
+
+
 def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
              device: torch.device, classes: Classes = BINARY) -> dict[str, Any]:
     """Every metric over all rows of `batches` (labels as class indices of `classes`)."""
@@ -140,7 +149,7 @@ def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
     s = torch.cat([p[0] for p in pairs])
     t = torch.cat([p[1] for p in pairs]).float()
     result: dict[str, Any] = {
-        "loss": build_function(OmegaConf.create(config["loss"]))(s, t).mean().item(),
+        "loss": loss_of(config)(s, t).mean().item(),
         "accuracy": metrics.accuracy(s, t),
         "auc": metrics.roc_auc(s, t),
     }

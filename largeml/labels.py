@@ -11,14 +11,16 @@ training classes [0, 1] or [−1, 1], a label of 1 is the positive class and 0 o
 negative, in any file (a validation file may spell them the other way).
 """
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from largeml.errors import DataError
+from largeml.errors import ConfigError, DataError
 
 BINARY_SPELLINGS = ((0.0, 1.0), (-1.0, 1.0))  # the classes of the {0,1} / {−1,+1} convention
 
@@ -107,6 +109,40 @@ class Classes:
             return (labels == self.values[1]).float()
         table = torch.tensor(self.values, dtype=labels.dtype, device=labels.device)
         return torch.searchsorted(table, labels.contiguous()).float()
+
+    def counts(self, label_counts: Mapping[str, int]) -> list[int]:
+        """Rows per class (in class order) of a label count as written."""
+        out = [0] * self.k
+        for label, n in label_counts.items():
+            if n > 0 and self.known(float(label)):
+                out[int(self.index(torch.tensor([float(label)]))[0])] += n
+        return out
+
+    def weights(self, spec: Any, label_counts: Mapping[str, int], key: str) -> Tensor | None:
+        """The class weights `loss.class_weight` asks for, in class order: None (all 1),
+        `balanced` (n / (K · n_class), as scikit-learn) or {label: weight} (labels as
+        written; classes not named weigh 1)."""
+        if spec is None:
+            return None
+        if spec == "balanced":
+            counts = self.counts(label_counts)
+            return torch.tensor([sum(counts) / (self.k * n) for n in counts])
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key} must be null, balanced or {{label: weight, ...}}, got "
+                              f"{spec!r}")
+        out = torch.ones(self.k)
+        for label, weight in spec.items():
+            try:
+                value = float(label)
+            except ValueError:
+                value = math.nan
+            if not self.known(value):
+                raise ConfigError(f"{key}: {label!r} is not one of the training classes "
+                                  f"({', '.join(self.names)})")
+            if not isinstance(weight, int | float) or not weight > 0:
+                raise ConfigError(f"{key}.{label} must be a positive number, got {weight!r}")
+            out[int(self.index(torch.tensor([value]))[0])] = float(weight)
+        return out
 
     def __str__(self) -> str:
         if self.k <= 6:

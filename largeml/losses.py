@@ -74,9 +74,27 @@ def smooth_multiclass_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHIN
     return gamma * torch.logsumexp(margins / gamma, dim=1)
 
 
+def weighted(loss_fn: Callable[[Tensor, Tensor], Tensor],
+             weights: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+    """`loss_fn` with each row's loss multiplied by its class's weight, `weights[y]` (class
+    weights: `loss.class_weight`, part of the objective)."""
+    return functools.partial(_weighted, loss_fn=loss_fn, weights=weights)
+
+
+def class_weights_of(loss_fn) -> Tensor | None:
+    """The class weights of a `weighted` loss, else None."""
+    return loss_fn.keywords["weights"] if getattr(loss_fn, "func", None) is _weighted else None
+
+
+def _weighted(scores: Tensor, targets: Tensor, loss_fn, weights: Tensor) -> Tensor:
+    return loss_fn(scores, targets) * weights.to(scores.device)[targets.long()]
+
+
 def smoothed(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
     """What a full-batch solver minimises for `loss_fn`: the hinge's smoothed twin, any other
-    loss (logistic, squared hinge: smooth already) itself."""
+    loss (logistic, squared hinge: smooth already) itself; class weights kept."""
+    if getattr(loss_fn, "func", None) is _weighted:
+        return weighted(smoothed(loss_fn.keywords["loss_fn"]), loss_fn.keywords["weights"])
     if getattr(loss_fn, "func", loss_fn) is hinge:
         return functools.partial(smooth_hinge, h=SMOOTHING)
     return loss_fn

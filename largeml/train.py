@@ -20,9 +20,9 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from largeml import auto, distributed
+from largeml import auto, distributed, losses
 from largeml.config import l2_strength, validate
-from largeml.data.batches import check_batch_size
+from largeml.data.batches import DataModule, check_batch_size
 from largeml.device import resolve_device, skip_compiler_import
 from largeml.distributed import Processes, agreed, launch_id
 from largeml.errors import LargemlError
@@ -79,8 +79,23 @@ def build_function(config: DictConfig) -> functools.partial:
     Hydra 1.3's own partial re-checks its target policy on each call, ~115 µs, ten times a
     `bce` over 4096 rows."""
     kwargs = {k: v for k, v in OmegaConf.to_container(config, resolve=True).items()
-              if not k.startswith("_")}
+              if not k.startswith("_") and k != "class_weight"}  # see `loss_function`
     return functools.partial(get_object(config._target_), **kwargs)
+
+
+def loss_function(config: DictConfig, data: DataModule):
+    """The run's loss: `config`'s function, with the class weights `loss.class_weight` asks
+    for (logged) multiplying each row's loss."""
+    loss_fn = build_function(config)
+    spec = config.get("class_weight")
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    weights = data.classes.weights(spec, data.label_counts or {}, "loss.class_weight")
+    if weights is None:
+        return loss_fn
+    log.info("loss.class_weight=%s: %s", spec if isinstance(spec, str) else "given",
+             ", ".join(f"{name}: {w:.4g}" for name, w in zip(data.classes.names,
+                                                             weights.tolist(), strict=True)))
+    return losses.weighted(loss_fn, weights)
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -> dict[str, float]:
@@ -108,7 +123,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     trainer = Trainer(
         model=model,
         data=data,
-        loss_fn=build_function(cfg.loss),
+        loss_fn=loss_function(cfg.loss, data),
         optimizer=build(cfg.optimizer),
         scheduler=build(cfg.scheduler),
         l2=l2,

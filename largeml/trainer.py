@@ -43,7 +43,7 @@ from largeml.device import autocast, cpu_threads, resolve_device
 from largeml.distributed import Processes, SigtermAgreement
 from largeml.errors import ConfigError, LargemlError
 from largeml.logger import HParamValue, NoLogger, RunLogger
-from largeml.losses import smoothed
+from largeml.losses import class_weights_of, smoothed
 from largeml.metrics import accuracy, roc_auc
 from largeml.models import penalised_weights
 from largeml.progress import Progress, Throughput
@@ -502,6 +502,7 @@ class Trainer:
         return self.step, self.epoch, self.batch_in_epoch, self.best_step, self.stop_reason
 
     def _write_checkpoint(self, rng: list[dict[str, Tensor]]) -> None:
+        weights = class_weights_of(self.loss_fn)
         state = {
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -521,6 +522,7 @@ class Trainer:
                          "last_val_step": self._last_val_step},
             "world_size": self.processes.world_size,
             "classes": self.data.classes.names,  # the labels, as written, of class 0, 1, ...
+            "class_weights": None if weights is None else weights.tolist(),
             "config": self.config,
             "versions": {"largeml": largeml.__version__, "torch": str(torch.__version__)},
         }

@@ -137,3 +137,4 @@ class DataModule:
     scale: str = "auto"  # data.scale: auto | standard | maxabs | none (largeml.data.scaling)
     # The training labels' classes; batches carry class indices (`largeml.labels`).
     classes: Classes = BINARY
+    label_counts: dict[str, int] | None = None  # the training rows' labels as written, counted

@@ -57,7 +57,8 @@ def _module(
     if batch_size < 1:
         raise ConfigError(f"data.batch_size must be a positive integer, got {batch_size}")
     scaling.check(scale, sparse=False)
-    classes = Classes.of_labels(train[1], where[0])
+    label_counts = count_labels(train[1])
+    classes = Classes.of_counts(label_counts, where[0])
     train = train[0], classes.index(train[1])
     if val is not None:
         classes.check(count_labels(val[1]), where[1])
@@ -80,6 +81,7 @@ def _module(
         held_bytes=train[0].numel() * 4 + len(train[1]) * 4,
         scale=scale,
         classes=classes,
+        label_counts=label_counts,
     )
 
 
@@ -346,4 +348,5 @@ def files(
                       description=description, n_train=train.rows, num_workers=num_workers,
                       reader_threads=0 if num_workers or resident else 1, resident=resident,
                       train_eval=train_eval, held_bytes=held_bytes,
-                      sparse=train.layout == "sparse", scale=scale, classes=classes)
+                      sparse=train.layout == "sparse", scale=scale, classes=classes,
+                      label_counts=train.label_counts)
