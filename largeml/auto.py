@@ -15,6 +15,8 @@ run's resolved `config.yaml` (so evaluate, predict and a resume see what was cho
                              data, or sparse data under torchrun
                      adam    for an MLP (non-convex: stochastic steps, streamed), at lr
                              `MLP_LR` unless optimizer.lr is given
+                     (model=rff, a linear layer on fixed random features: lbfgs where its
+                     rows fit in memory, else adagrad)
     scheduler=auto   cosine for sgd; constant for every other optimizer (adaptive and
                      full-batch methods set their own step lengths)
 
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 LINEAR = "largeml.models.Linear"
+RFF = "largeml.models.RFF"
 EARLY_STOPPING_PATIENCE = 3
 # Adam's step for an MLP. With early stopping, measured on four sets (validation accuracy at
 # lr 0.01 / 0.003): a9a 84.23 / 84.82 %, 40,000 synthetic rows 83.98 / 84.29 %, tests'
@@ -72,9 +75,14 @@ def memory_budget(device: torch.device) -> int:
 def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[str, str]:
     """The optimizer `optimizer=auto` stands for, and why."""
     size = f"{data.held_bytes / 2**20:,.1f} MiB of training rows"
+    budget = memory_budget(device)
+    if cfg.model._target_ == RFF:  # convex: a linear layer on fixed features
+        if data.held_bytes <= budget:
+            return "lbfgs", (f"random features and a linear layer, {size} fit in memory "
+                             f"({budget / 2**30:,.1f} GiB)")
+        return "adagrad", f"random features and a linear layer, {size} exceed the memory budget"
     if cfg.model._target_ != LINEAR:
         return "adam", "a non-linear model"
-    budget = memory_budget(device)
     streamed = isinstance(data.train_eval, ShardStream)
     multiclass = not data.classes.binary
     if data.sparse and streamed and data.held_bytes > min(budget, SPARSE_HOLD_MAX):
@@ -130,7 +138,7 @@ def resolve(cfg: DictConfig, data: DataModule, device: torch.device) -> dict[str
                          cfg.data.batch_size)
                 cfg.data.batch_size = rows
                 chosen["data.batch_size"] = str(rows)
-            if (cfg.model._target_ != LINEAR and data.val is not None
+            if (cfg.model._target_ not in (LINEAR, RFF) and data.val is not None
                     and cfg.trainer.early_stopping_patience is None):
                 cfg.trainer.early_stopping_patience = EARLY_STOPPING_PATIENCE
                 chosen["early_stopping_patience"] = str(EARLY_STOPPING_PATIENCE)

@@ -51,8 +51,8 @@ def required(cfg: DictConfig, key: str, usage: str) -> Any:
 
 
 def model_width(state: dict[str, Tensor]) -> int:
-    """The number of input features: the width of the first weight matrix."""
-    return next(t.shape[1] for t in state.values() if t.ndim == 2)
+    """The number of input features: the length of every model's input map."""
+    return state["input.shift"].numel()
 
 
 def load_model(path: str) -> tuple[nn.Module, dict[str, Any], Classes]:

@@ -38,6 +38,7 @@ from torch.optim import Optimizer
 
 from largeml import kernels
 from largeml.kernels import ROOT, Z
+from largeml.errors import ConfigError
 from largeml.models import Linear
 
 
@@ -66,6 +67,9 @@ class FTRL(Optimizer):
     def step_batch(self, model: Linear, x: Tensor, y: Tensor, loss_fn) -> Tensor:
         """Learns from batch (x, y); returns the per-row losses, detached. `model` is the
         `Linear` whose parameters this optimizer holds."""
+        if not isinstance(model, Linear):
+            raise ConfigError(f"optimizer=ftrl trains a linear model on the input features "
+                              f"(model=logreg or model=svm), not a {type(model).__name__}")
         state = self.state["ftrl"]
         features = state["features"]
         # The model's input map (fitted before the first step) scales each feature's values.

@@ -9,6 +9,7 @@ Every model takes either a dense float batch (rows, n_features) or a sparse CSR 
 `first_layer`. A sparse batch is never densified, so memory follows its non-zeros.
 """
 
+import math
 import warnings
 from collections.abc import Sequence
 from itertools import islice
@@ -181,6 +182,46 @@ class MLP(nn.Module):
         for layer in islice(self.net, 1, None):
             x = layer(x)
         return x.squeeze(-1) if x.shape[-1] == 1 else x
+
+
+class RFF(nn.Module):
+    """A kernel SVM (or kernel logistic regression) at linear cost: random Fourier features of
+    the RBF kernel k(x, x') = exp(−γ‖x − x'‖²) (Rahimi & Recht, 2007), then a linear layer.
+
+    z(x) = √(2/D) · cos(x·Ω + φ), Ω ~ N(0, 2γ) of shape (n_features, D), φ ~ U[0, 2π), so that
+    z(x)·z(x') estimates k(x, x') with an error of order 1/√D. Ω and φ are drawn once from
+    `seed` and kept as buffers (saved in the checkpoint, never trained or penalised); only the
+    linear layer learns, so the objective stays convex. `gamma="auto"` is 1 / n_features: for
+    standardised features (data.scale=auto scales dense data) scikit-learn's `gamma="scale"`.
+    """
+
+    def __init__(self, n_features: int, n_components: int = 2000, gamma: float | str = "auto",
+                 seed: int = 0, n_outputs: int = 1) -> None:
+        super().__init__()
+        if gamma == "auto":
+            gamma = 1.0 / n_features
+        if not isinstance(gamma, int | float) or not gamma > 0:
+            raise ValueError(f"model.gamma must be auto or a positive number, got {gamma!r}")
+        if not isinstance(n_components, int) or n_components < 1:
+            raise ValueError(f"model.n_components must be a positive integer, got "
+                             f"{n_components!r}")
+        self.input = Standardize(n_features)
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("omega", torch.randn(n_features, n_components, generator=generator)
+                             * math.sqrt(2 * gamma))
+        self.register_buffer("phase", torch.rand(n_components, generator=generator) * 2 * math.pi)
+        self.linear = nn.Linear(n_components, n_outputs)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def features(self, x: Tensor) -> Tensor:
+        x = self.input(x)
+        projected = x @ self.omega  # a CSR batch: torch's sparse × dense product
+        return math.sqrt(2 / self.omega.shape[1]) * torch.cos(projected + self.phase)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.linear(self.features(x))
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
 
 
 def penalised_weights(model: nn.Module) -> list[nn.Parameter]:
