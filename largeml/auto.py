@@ -39,6 +39,7 @@ from largeml.data import DataModule
 from largeml.data.stream import ShardStream
 from largeml.device import available_ram
 from largeml.distributed import Processes
+from largeml.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[
     """The optimizer `optimizer=auto` stands for, and why."""
     size = f"{data.held_bytes / 2**20:,.1f} MiB of training rows"
     budget = memory_budget(device)
+    if float(cfg.regularization.get("l1") or 0) > 0:
+        return l1_optimizer(cfg, data, size, budget)
     if cfg.model._target_ == RFF:  # convex: a linear layer on fixed features
         if data.held_bytes <= budget:
             return "lbfgs", (f"random features and a linear layer, {size} fit in memory "
@@ -99,6 +102,22 @@ def optimizer(cfg: DictConfig, data: DataModule, device: torch.device) -> tuple[
             return "lbfgs", f"{why}, {data.classes}"
         return "newton", why
     return "adagrad", f"a linear model, {size} exceed the memory budget ({budget / 2**30:,.1f} GiB)"
+
+
+def l1_optimizer(cfg: DictConfig, data: DataModule, size: str, budget: int) -> tuple[str, str]:
+    """With regularization.l1 > 0: an optimizer with a proximal step (exact zeros)."""
+    why = f"regularization.l1 > 0 needs a proximal step; {size}"
+    if cfg.model._target_ not in (LINEAR, RFF):
+        raise ConfigError("regularization.l1 is for linear models (model=logreg, svm, rff); an "
+                          "MLP's weights have no proximal optimizer here")
+    if data.held_bytes <= budget:
+        return "fista", f"{why} fit in memory ({budget / 2**30:,.1f} GiB)"
+    if cfg.model._target_ == LINEAR and data.classes.binary and \
+            Processes.from_env().world_size == 1:
+        return "ftrl", f"{why}, streamed"
+    raise ConfigError(f"regularization.l1: {size} exceed the memory budget "
+                      f"({budget / 2**30:,.1f} GiB) and streaming L1 here is FTRL's, for two "
+                      "classes in one process")
 
 
 def ftrl_batch_rows(cfg: DictConfig, data: DataModule) -> int | None:

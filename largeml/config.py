@@ -67,8 +67,8 @@ def validate(cfg: DictConfig) -> None:
             ) from err
         _known_keys(cfg, section, target, runtime)
     _known_keys(cfg, "trainer", Trainer.__init__, {
-        "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "run_dir", "config", "hparams",
-        "processes"})
+        "model", "data", "loss_fn", "optimizer", "scheduler", "l2", "l1", "run_dir", "config",
+        "hparams", "processes"})
 
     for key in OmegaConf.to_container(cfg.data, resolve=False):
         if OmegaConf.is_missing(cfg.data, key):
@@ -111,6 +111,10 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, "regularization.C")
     elif not isinstance(reg.l2, int | float) or reg.l2 < 0:
         raise ConfigError(f"regularization.l2 must be a number >= 0, got {reg.l2!r}")
+
+    l1 = reg.get("l1", 0.0)
+    if not isinstance(l1, int | float) or isinstance(l1, bool) or l1 < 0:
+        raise ConfigError(f"regularization.l1 must be a number >= 0, got {l1!r}")
 
     for key in ("train_path", "val_path"):
         path = cfg.data.get(key)

@@ -40,6 +40,23 @@ def linear_weights(checkpoint: str) -> tuple[np.ndarray, Classes]:
     return (values[0] if classes.binary else values), classes
 
 
+def strongest(values: np.ndarray, classes: Classes, top_k: int) -> str:
+    """The listing of `top_k=N`: how many weights are non-zero, then the N of largest |w|
+    (summed over the classes' rows for K > 2), feature ids 1-based as in LIBSVM files."""
+    weights = np.atleast_2d(values)[:, :-1]
+    magnitude = np.abs(weights).sum(0)
+    nonzero = int(np.count_nonzero(magnitude))
+    lines = [f"{nonzero:,} of {len(magnitude):,} features have a non-zero weight"]
+    for j in np.argsort(-magnitude, kind="stable")[:top_k]:
+        if magnitude[j] == 0:
+            break
+        shown = (f"{weights[0, j]:+.6g}" if classes.binary else
+                 " ".join(f"{name}:{w:+.4g}" for name, w in zip(classes.names, weights[:, j],
+                                                               strict=True)))
+        lines.append(f"  feature {j + 1}: {shown}")
+    return "\n".join(lines)
+
+
 def run(cfg: DictConfig) -> tuple[int, Path]:
     """Exports as `cfg` says; returns the number of features and the file written."""
     usage = "python -m largeml.export checkpoint=PATH output=FILE.npy|FILE.txt"
@@ -47,7 +64,12 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
     output = Path(str(required(cfg, "output", usage)))
     if output.suffix not in (".npy", ".txt"):
         raise ConfigError(f"output={output} must end in .npy or .txt")
+    top_k = cfg.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k must be a positive integer or null, got {top_k!r}")
     values, classes = linear_weights(checkpoint)
+    if top_k is not None:
+        print(strongest(values, classes, top_k))
     output.parent.mkdir(parents=True, exist_ok=True)
     width = values.shape[-1] - 1
     if output.suffix == ".npy":

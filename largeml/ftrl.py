@@ -28,6 +28,11 @@ loss, so the two forms share a state and a fixed point. The model's own weights 
 from the state by `settle()`, which the Trainer calls before anything reads the model
 (validation, checkpoints, the end of training). The bias has the same FTRL step, without L2.
 
+With `l1` (regularization.l1: + λ1·‖w‖₁), as in the paper, z is soft-thresholded first:
+w_j = 0 while |z_j| ≤ λ1·t, else the same closed form of z_j − sign(z_j)·λ1·t: exact zeros,
+and again the fixed point is the documented objective's optimum (t times it is what FTRL
+minimises).
+
 `lr` is α, a feature's first step, for features scaled to about [−1, 1] (which `data.scale=auto`
 gives); β = 1, the paper's suggestion, keeps the first steps bounded.
 """
@@ -46,9 +51,11 @@ class FTRL(Optimizer):
     """See the module docstring. `step_batch` is the step; `settle` writes the weights."""
 
     takes_batches = True  # the Trainer hands it batches, not gradients
+    takes_l1 = True  # regularization.l1: the paper's own L1 (exact zeros)
 
-    def __init__(self, params, lr: float = 0.3, beta: float = 1.0, l2: float = 0.0) -> None:
-        super().__init__(params, {"lr": lr, "beta": beta, "l2": l2})
+    def __init__(self, params, lr: float = 0.3, beta: float = 1.0, l2: float = 0.0,
+                 l1: float = 0.0) -> None:
+        super().__init__(params, {"lr": lr, "beta": beta, "l2": l2, "l1": l1})
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != 2 or params[0].dim() != 2 or params[0].shape[0] != 1:
             raise ValueError("FTRL trains a linear model (one weight row and a bias): logreg "
@@ -75,36 +82,38 @@ class FTRL(Optimizer):
         # The model's input map (fitted before the first step) scales each feature's values.
         scale = model.input.mult if model.input.active else None
         group = self.param_groups[0]
-        alpha, beta, l2 = group["lr"], group["beta"], group["l2"]
+        alpha, beta, l2, l1 = group["lr"], group["beta"], group["l2"], group.get("l1", 0.0)
         sparse = x.layout == torch.sparse_csr
         loss = kernels.loss_code(loss_fn)
         if sparse and kernels.available(x) and loss is not None:
             losses = kernels.ftrl_rows(x, y, features, scale, state["bias"], alpha, beta, l2,
-                                       state["rows"], loss)
+                                       state["rows"], loss, l1)
         else:
-            losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"])
+            losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"],
+                                      l1 * state["rows"])
         state["rows"] += y.shape[0]
         return losses
 
     def _batch_step(self, model: Linear, x: Tensor, y: Tensor, loss_fn, alpha: float,
-                    beta: float, decay: float) -> Tensor:
+                    beta: float, decay: float, shrink: float = 0.0) -> Tensor:
         """One step for the whole batch, every row's gradient taken at the same weights: the
         form for the GPU, dense batches and losses the compiled loop does not know."""
         features, scale = self.state["ftrl"]["features"], model.input.mult
         bias = self._bias_value(alpha, beta)
         sparse = x.layout == torch.sparse_csr
         if sparse:
-            scores = kernels.ftrl_scores(x, features, scale, alpha, beta, decay, bias)
+            scores = kernels.ftrl_scores(x, features, scale, alpha, beta, decay, bias, shrink)
         else:
             x = model.input(x)
-            w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta, decay)
+            w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta, decay,
+                                     shrink)
             scores = x @ w + bias
         scores.requires_grad_()
         losses = loss_fn(scores, y)
         (d,) = torch.autograd.grad(losses.sum(), scores)
         with torch.no_grad():
             if sparse:
-                kernels.ftrl_update(x, d, features, scale, alpha, beta, decay)
+                kernels.ftrl_update(x, d, features, scale, alpha, beta, decay, shrink)
             else:  # x is already scaled by the model's input map
                 features[:, Z], features[:, ROOT] = kernels.ftrl_step(
                     features[:, Z], features[:, ROOT], d @ x, w, alpha)
@@ -130,8 +139,9 @@ class FTRL(Optimizer):
         if self._settled == state["rows"]:
             return
         alpha, beta, features = group["lr"], group["beta"], state["features"]
+        rows = state["rows"]
         w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta,
-                                 group["l2"] * state["rows"])
+                                 group["l2"] * rows, group.get("l1", 0.0) * rows)
         self.weight.copy_(w.view_as(self.weight))
         self.bias.fill_(self._bias_value(alpha, beta))
         self._settled = state["rows"]

@@ -114,7 +114,7 @@ if numba is not None:
         return max(1.0 - m, 0.0) ** 2, -2.0 * t * max(1.0 - m, 0.0)
 
     @_jit
-    def _ftrl_rows(crow, cols, vals, y, state, scale, scaled, bias, alpha, beta, l2,
+    def _ftrl_rows(crow, cols, vals, y, state, scale, scaled, bias, alpha, beta, l2, l1,
                    rows_before, loss, out):  # pragma: no cover
         longest = 0
         for r in range(len(crow) - 1):
@@ -129,11 +129,13 @@ if numba is not None:
             _prefetch_row(crow, cols, r + 1, state)
             decay = l2 * (rows_before + r)
             den = np.float32(beta + alpha * decay + TINY)  # w = −z·α / (√n + β + α·decay)
+            shrink = np.float32(l1 * (rows_before + r))  # L1: z soft-thresholded by λ1·t
             s = _weight(bias[0], bias[1], alpha, beta, 0.0)
             lo = crow[r]
             for i in range(lo, crow[r + 1]):
                 c = cols[i]
-                w = -state[c, 0] * a / (state[c, 1] + den)
+                z = state[c, 0]
+                w = -(z - min(max(z, -shrink), shrink)) * a / (state[c, 1] + den)
                 weights[i - lo] = w
                 s += w * (scale[c] if scaled else one) * vals[i]
             out[r], d = _loss(loss, s, y[r])
@@ -205,9 +207,12 @@ def _scale(scale: Tensor | None, placeholder: Tensor) -> tuple:
 
 # -- FTRL-Proximal on a linear score: state rows are features ----------------------------------
 
-def ftrl_weights(z: Tensor, root: Tensor, alpha: float, beta: float, decay: float) -> Tensor:
-    """w = −z / ((β + √n) / α + decay) from a state's z and √n (decay = λ·rows, see
-    largeml.ftrl); 0 for a feature never seen (z = 0), also where β = decay = 0."""
+def ftrl_weights(z: Tensor, root: Tensor, alpha: float, beta: float, decay: float,
+                 shrink: float = 0.0) -> Tensor:
+    """w = −z' / ((β + √n) / α + decay) from a state's z and √n (decay = λ·rows, see
+    largeml.ftrl), z' = z soft-thresholded by `shrink` (λ1·rows): exactly 0 where |z| ≤ λ1·t,
+    and for a feature never seen (z = 0), also where β = decay = 0."""
+    z = z - z.clamp(-shrink, shrink)
     return torch.where(z == 0, 0.0, -z / ((beta + root) / alpha + decay))
 
 
@@ -219,27 +224,29 @@ def ftrl_step(z, root, g, w, alpha: float):
 
 
 def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
-              alpha: float, beta: float, l2: float, rows_before: int, loss: int) -> Tensor:
+              alpha: float, beta: float, l2: float, rows_before: int, loss: int,
+              l1: float = 0.0) -> Tensor:
     """FTRL over the rows of CSR batch `x` one at a time (each row's score, its loss `loss`, its
     update), as the paper and Vowpal Wabbit do; returns the rows' losses. `scale`: the
     features' scales (None: all 1). Compiled only."""
     out = torch.empty(len(y))
     _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), *_scale(scale, y), bias.numpy(), alpha,
-               beta, l2, rows_before, loss, out.numpy())
+               beta, l2, l1, rows_before, loss, out.numpy())
     return out
 
 
 def ftrl_scores(x: Tensor, state: Tensor, scale: Tensor, alpha: float, beta: float,
-                decay: float, bias: float) -> Tensor:
+                decay: float, bias: float, shrink: float = 0.0) -> Tensor:
     """The scores of CSR batch `x` at the weights `state` stands for (torch ops, any device)."""
     cols = x.col_indices()
     s = state[cols]
-    per = ftrl_weights(s[:, Z], s[:, ROOT], alpha, beta, decay) * scale[cols] * x.values()
+    per = ftrl_weights(s[:, Z], s[:, ROOT], alpha, beta, decay, shrink) * scale[cols] \
+        * x.values()
     return torch.segment_reduce(per, "sum", offsets=x.crow_indices()) + bias
 
 
 def ftrl_update(x: Tensor, d: Tensor, state: Tensor, scale: Tensor, alpha: float, beta: float,
-                decay: float) -> None:
+                decay: float, shrink: float = 0.0) -> None:
     """One FTRL step on `state` for the whole CSR batch `x` (torch ops, any device): g_j is the
     gradient of the batch's summed loss, from ∂loss/∂score `d` of each row."""
     cols = x.col_indices().long()
@@ -250,7 +257,7 @@ def ftrl_update(x: Tensor, d: Tensor, state: Tensor, scale: Tensor, alpha: float
     # twice gets the same values written twice.
     z, root = state[cols, Z], state[cols, ROOT]
     state[cols, Z], state[cols, ROOT] = ftrl_step(
-        z, root, grad[cols], ftrl_weights(z, root, alpha, beta, decay), alpha)
+        z, root, grad[cols], ftrl_weights(z, root, alpha, beta, decay, shrink), alpha)
 
 
 # -- a plain linear score and its gradient, for evaluation and the objective -------------------

@@ -113,6 +113,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
         data = build(cfg.data, rank=processes.rank, world_size=processes.world_size)
     model = build(cfg.model, n_features=data.n_features, n_outputs=data.classes.n_outputs)
     l2 = l2_strength(cfg.regularization, data.n_train)
+    l1 = float(cfg.regularization.get("l1") or 0.0)
 
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
         optimizer=build(cfg.optimizer),
         scheduler=build(cfg.scheduler),
         l2=l2,
+        l1=l1,
         run_dir=run_dir,
         config=config,
         hparams=hparams,

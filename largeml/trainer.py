@@ -98,6 +98,7 @@ class Trainer:
         dist_timeout: float = 300.0,
         num_threads: int | None = None,
         processes: Processes | None = None,
+        l1: float = 0.0,
     ) -> None:
         self.processes = processes or Processes()
         self.device = resolve_device(device, self.processes.local_rank)
@@ -109,8 +110,11 @@ class Trainer:
         # in O(the batch's non-zeros); every other one gets gradients from backward().
         self.takes_batches = getattr(getattr(optimizer, "func", optimizer), "takes_batches", False)
         _check_classes(optimizer, data)
-        self.optimizer = (optimizer(self.module.parameters(), l2=l2) if self.takes_batches
-                          else optimizer(self.module.parameters()))
+        _check_l1(optimizer, l1)
+        extra = {"l2": l2} if self.takes_batches else {}
+        if l1 > 0:
+            extra["l1"] = l1
+        self.optimizer = optimizer(self.module.parameters(), **extra)
         # A full-batch solver (L-BFGS, Newton) takes one step per epoch over every training row,
         # held in memory; its closure sums gradients over ranks itself, so it needs no DDP.
         self.full_batch = is_full_batch(self.optimizer)
@@ -134,7 +138,7 @@ class Trainer:
         # What the solver minimises: the loss itself, or for a full-batch solver a twice
         # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
         self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
-        self.l2 = l2
+        self.l2, self.l1 = l2, l1
         self.run_dir = run_dir
         self.config = config
         self.hparams = hparams
@@ -405,16 +409,18 @@ class Trainer:
         """f (the documented loss) and the relative gradient norm of what the solver minimises,
         over all training rows."""
         if self.closure is not None:  # full batch: the solver's own f, ∇f (its next step's start)
-            self.solver_objective = self.closure().item()
-            g = torch.cat([p.grad.reshape(-1) for p in self.closure.params]).norm().item()
+            closure, l1_term = self.closure, self.l1 * objective.l1_norm(self.penalised)
+            self.solver_objective = closure().item() + l1_term
+            g = objective.subgradient_norm(closure.params, [p.grad for p in closure.params],
+                                           closure.penalised, self.l1)
             self.optimizer.zero_grad(set_to_none=True)
             f = self.solver_objective if self.solver_loss_fn is self.loss_fn else objective.value(
                 self.module, self.loss_fn, self.held, self.l2, self.data.n_train,
-                reduce=distributed.sum_)[0]  # a smoothed hinge: report the hinge's f
+                reduce=distributed.sum_, l1=self.l1)[0]  # a smoothed hinge: the hinge's f
         else:  # one more pass over the training set, forward and backward, updating nothing
             f, g = objective.value(self.module, self.loss_fn, self._loader(self.data.train_eval),
                                    self.l2, self.data.n_train, gradient=True,
-                                   reduce=distributed.sum_, device=self.device)
+                                   reduce=distributed.sum_, device=self.device, l1=self.l1)
             self.solver_objective = f
         if not math.isfinite(f):
             raise self._diverged(f"training objective is {f}")
@@ -736,6 +742,18 @@ class Trainer:
             **({"stopped": self.stop_reason, "converged": self.stop_reason == "converged"}
                if self.stop_reason else {}),
         }
+
+
+def _check_l1(optimizer: Callable[..., Optimizer], l1: float) -> None:
+    """An L1 term needs an optimizer that takes it (a proximal step: exact zeros)."""
+    kind = getattr(optimizer, "func", optimizer)
+    if l1 < 0:
+        raise ConfigError(f"regularization.l1 must be a number >= 0, got {l1}")
+    if l1 > 0 and not getattr(kind, "takes_l1", False):
+        raise ConfigError(
+            f"regularization.l1={l1:g} needs an optimizer with a proximal step, which sets "
+            "weights exactly to zero: optimizer=fista (in memory) or optimizer=ftrl (streamed, "
+            f"two classes), or optimizer=auto; not {getattr(kind, '__name__', kind)}")
 
 
 def _check_classes(optimizer: Callable[..., Optimizer], data: DataModule) -> None:

@@ -214,6 +214,18 @@ def shells(seed: int = 0, rows: int = 6000, n_features: int = 8) -> Split:
     return _split(x, y, rng, 0.25)
 
 
+def few_relevant(seed: int = 0, rows: int = 3000, n_features: int = 500,
+                 relevant: int = 10) -> Split:
+    """Logistic labels from a rule on the first `relevant` features only (weights ±1 to ±2),
+    x ~ N(0, I): the other features are noise, which an L1 model should drop."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n_features))
+    w = np.zeros(n_features)
+    w[:relevant] = rng.choice([-1.0, 1.0], relevant) * rng.uniform(1, 2, relevant)
+    y = (rng.random(rows) < expit(x @ w)).astype(np.float64)
+    return _split(x, y, rng, 0.2)
+
+
 SETS: dict[str, Callable[[int], Split]] = {
     "dense_imbalanced": dense_imbalanced,
     "text": text,
