@@ -79,6 +79,14 @@ def test_bf16_autocast_trains_on_cpu(compose_config, tmp_path):
     assert metrics["val/accuracy"] > 0.8
 
 
+def test_bf16_trains_three_classes_as_float32_does(compose_config, tmp_path):
+    three = [*SMALL, "data.n_classes=3", "trainer.device=cpu"]
+    full = run(compose_config(*three), tmp_path / "32")
+    half = run(compose_config(*three, "trainer.precision=bf16"), tmp_path / "bf16")
+    assert full["val/accuracy"] > 0.65  # chance is 1/3
+    assert abs(half["val/accuracy"] - full["val/accuracy"]) <= 0.02
+
+
 def test_regularization_c_is_lambda_times_n(compose_config, tmp_path):
     from largeml.config import l2_strength
 

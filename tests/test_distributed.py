@@ -237,11 +237,12 @@ def test_one_run_directory_per_launch(tmp_path, rdzv_id):
     assert accuracy[-1].value == pytest.approx(metrics["val/accuracy"], rel=1e-6)
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp"])
-def test_two_processes_train_the_same_model_as_one(tmp_path, model):
+@pytest.mark.parametrize("model, classes", [("logreg", 2), ("mlp", 2), ("logreg", 3)])
+def test_two_processes_train_the_same_model_as_one(tmp_path, model, classes):
     # 2402 training rows in global batches of 256: nine full ones and one of 98, all even; 601
     # validation rows, which 2 ranks cannot split evenly.
-    overrides = [*SMALL, "data.n_samples=3003", f"model={model}", "data.batch_size=256"]
+    overrides = [*SMALL, "data.n_samples=3003", f"model={model}", "data.batch_size=256",
+                 f"data.n_classes={classes}"]
     one = run_cli(f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path, timeout=180)
     assert one.returncode == 0, one.stderr + one.stdout
     code, output = run_torchrun(f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)

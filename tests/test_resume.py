@@ -58,6 +58,7 @@ CASES = {
                "trainer.max_epochs=3", "trainer.checkpoint_every_n_steps=7",
                "trainer.log_every_n_steps=50", *STREAMING],  # 8000 rows: 250 steps an epoch
     "mlp-dropout": [*LONG, "model=mlp", "model.hidden_sizes=[16]", "model.dropout=0.2"],
+    "mlp-3-classes": [*LONG, "data.n_classes=3", "model=mlp", "model.hidden_sizes=[16]"],
     # FTRL's state, not the model, holds the weights between checkpoints
     "ftrl-sparse": ["data=files", "data.train_path={sparse_shards}", "data.batch_size=32",
                     "optimizer=ftrl", "trainer.tol=0", "trainer.max_epochs=3",

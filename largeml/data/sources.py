@@ -107,20 +107,28 @@ def synthetic(
     scale: str = "auto",
     rank: int = 0,
     world_size: int = 1,
+    n_classes: int = 2,
 ) -> DataModule:
     """Gaussian features, labels from a random hyperplane plus Gaussian noise on the margin.
 
     x ~ N(0, I), w uniform on the unit sphere, y = [x·w + noise·ε > 0] with ε ~ N(0, 1). Since
     x·w ~ N(0, 1), the best any classifier can do is 1 − arccos(1/√(1 + noise²))/π accuracy
-    (85.2 % for noise 0.5). The true hyperplane's accuracy on the validation rows is
-    `reference_accuracy`, which the log states so a run can be judged against it.
+    (85.2 % for noise 0.5). With `n_classes` K > 2: K random unit directions w_k and
+    y = argmax_k (x·w_k + noise·ε_k), labels 0 … K−1. The true rule's accuracy on the
+    validation rows is `reference_accuracy`, which the log states so a run can be judged
+    against it.
     """
     if n_samples < 2 or n_features < 1:
         raise ConfigError(
             f"data.n_samples ({n_samples}) must be at least 2 and data.n_features "
             f"({n_features}) at least 1"
         )
+    if not isinstance(n_classes, int) or n_classes < 2:
+        raise ConfigError(f"data.n_classes must be an integer >= 2, got {n_classes!r}")
     g = torch.Generator().manual_seed(seed)
+    if n_classes > 2:
+        return _synthetic_classes(n_samples, n_features, noise, val_fraction, seed, batch_size,
+                                  scale, rank, world_size, n_classes, g)
     w = torch.randn(n_features, generator=g)
     w /= w.norm()
     x = torch.randn(n_samples, n_features, generator=g)
@@ -135,6 +143,22 @@ def synthetic(
     if val is not None:
         module.reference_accuracy = ((val[0] @ w > 0).float() == val[1]).float().mean().item()
         module.description += f", {module.reference_accuracy:.4f} on these validation rows"
+    return module
+
+
+def _synthetic_classes(n_samples, n_features, noise, val_fraction, seed, batch_size, scale,
+                       rank, world_size, n_classes, g) -> DataModule:
+    w = torch.randn(n_features, n_classes, generator=g)
+    w /= w.norm(dim=0)
+    x = torch.randn(n_samples, n_features, generator=g)
+    y = (x @ w + noise * torch.randn(n_samples, n_classes, generator=g)).argmax(1).float()
+    train, val = _split(x, y, val_fraction, seed)
+    description = f"synthetic: {n_samples} rows x {n_features} features, noise {noise}"
+    module = _module(train, val, batch_size, seed, description, rank, world_size, scale)
+    if val is not None:
+        module.reference_accuracy = ((val[0] @ w).argmax(1).float() == val[1]).float().mean().item()
+        module.description += f"; the true rule scores {module.reference_accuracy:.4f} on these " \
+                              "validation rows"
     return module
 
 
