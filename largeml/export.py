@@ -19,8 +19,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from largeml.cli import CONFIG_DIR, required
 from largeml.errors import ConfigError, LargemlError
-from largeml.evaluate import CONFIG_DIR, load_model, required
+from largeml.inference import load_model
 from largeml.labels import Classes
 from largeml.models import Linear
 

@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largeml import kernels
-from largeml.kernels import ROOT, Z
 from largeml.errors import ConfigError
+from largeml.kernels import ROOT, Z
 from largeml.models import Linear
 
 

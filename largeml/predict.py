@@ -24,22 +24,21 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from largeml.cli import CONFIG_DIR, required
 from largeml.data.convert import csv_header, resolve_format
 from largeml.data.sources import prepared
+from largeml.device import resolve_device
 from largeml.errors import ConfigError, DataError, LargemlError
-from largeml.evaluate import (
-    CONFIG_DIR,
+from largeml.inference import (
     is_logistic,
     load_model,
     model_width,
     precision_of,
-    required,
     score,
     scores_of,
     stream,
 )
 from largeml.labels import BINARY, Classes
-from largeml.trainer import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from test_evaluate import compose_entry, run_module
 
 from largeml.data.convert import convert
 from largeml.errors import LargemlError
-from largeml.evaluate import load_model
+from largeml.inference import load_model
 from largeml.predict import input_scores
 from largeml.predict import run as predict_run
 
