@@ -54,8 +54,9 @@ LOSSES = {losses.bce: BCE, losses.hinge: HINGE, losses.squared_hinge: SQUARED_HI
 
 def loss_code(loss_fn) -> int | None:
     """The compiled loops' code for `loss_fn` (a loss function, or a `functools.partial` of one
-    with no arguments bound), None for a loss they do not know."""
-    if getattr(loss_fn, "keywords", None):
+    with no arguments bound but `multiclass`, which one score a row ignores), None for a loss
+    they do not know."""
+    if set(getattr(loss_fn, "keywords", None) or ()) - {"multiclass"}:
         return None
     return LOSSES.get(getattr(loss_fn, "func", loss_fn))
 

@@ -40,25 +40,51 @@ def margin_gap(scores: Tensor, targets: Tensor) -> Tensor:
     return 1 + others.amax(1) - scores.gather(1, y).squeeze(1)
 
 
-def hinge(scores: Tensor, targets: Tensor) -> Tensor:
-    """Soft-margin SVM loss max(0, 1 − t·s); for K scores, Crammer–Singer's."""
-    return torch.clamp(margin_gap(scores, targets), min=0)
+MULTICLASS = ("crammer_singer", "ovr")  # the margin losses' `multiclass` for K scores
 
 
-def squared_hinge(scores: Tensor, targets: Tensor) -> Tensor:
+def one_vs_rest(scores: Tensor, targets: Tensor) -> Tensor:
+    """(rows, K) binary margin gaps 1 − t_k·s_k with t_k = +1 for the row's class, −1 for the
+    others: K binary SVMs, one per class against the rest."""
+    t = 2 * torch.nn.functional.one_hot(targets.long(), scores.shape[1]).to(scores.dtype) - 1
+    return 1 - t * scores
+
+
+def _gap(scores: Tensor, targets: Tensor, multiclass: str) -> Tensor:
+    if multiclass not in MULTICLASS:
+        raise ValueError(f"loss.multiclass must be one of {', '.join(MULTICLASS)}, got "
+                         f"{multiclass!r}")
+    if scores.dim() == 2 and multiclass == "ovr":
+        return one_vs_rest(scores, targets)
+    return margin_gap(scores, targets)
+
+
+def _per_row(losses: Tensor) -> Tensor:
+    """One loss a row: one-vs-rest's K losses summed."""
+    return losses.sum(1) if losses.dim() == 2 else losses
+
+
+def hinge(scores: Tensor, targets: Tensor, multiclass: str = "crammer_singer") -> Tensor:
+    """Soft-margin SVM loss max(0, 1 − t·s); for K scores, Crammer–Singer's (`multiclass=ovr`:
+    the sum of K one-vs-rest hinges, as LIBLINEAR's default multiclass SVM)."""
+    return _per_row(torch.clamp(_gap(scores, targets, multiclass), min=0))
+
+
+def squared_hinge(scores: Tensor, targets: Tensor, multiclass: str = "crammer_singer") -> Tensor:
     """L2-loss SVM (LIBLINEAR's default): max(0, 1 − t·s)²; for K scores, of Crammer–Singer's
-    margin."""
-    return torch.clamp(margin_gap(scores, targets), min=0).pow(2)
+    margin (`multiclass=ovr`: K one-vs-rest ones, summed)."""
+    return _per_row(torch.clamp(_gap(scores, targets, multiclass), min=0).pow(2))
 
 
-def smooth_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHING) -> Tensor:
+def smooth_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHING,
+                 multiclass: str = "crammer_singer") -> Tensor:
     """The hinge with its corner rounded over a margin width h: 0 for z ≥ 1, (1 − z)²/(2h) for
     1 − h < z < 1, 1 − z − h/2 below (z = t·s). Within h/2 of the hinge everywhere, and twice
     differentiable almost everywhere, so Newton and L-BFGS converge on it."""
-    if scores.dim() == 2:
+    if scores.dim() == 2 and multiclass != "ovr":
         return smooth_multiclass_hinge(scores, targets, h)
-    gap = margin_gap(scores, targets)  # 1 − z: the hinge is max(0, gap)
-    return torch.where(gap >= h, gap - h / 2, torch.clamp(gap, min=0).pow(2) / (2 * h))
+    gap = _gap(scores, targets, multiclass)  # 1 − z: the hinge is max(0, gap)
+    return _per_row(torch.where(gap >= h, gap - h / 2, torch.clamp(gap, min=0).pow(2) / (2 * h)))
 
 
 def smooth_multiclass_hinge(scores: Tensor, targets: Tensor, h: float = SMOOTHING) -> Tensor:
@@ -96,5 +122,6 @@ def smoothed(loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, T
     if getattr(loss_fn, "func", None) is _weighted:
         return weighted(smoothed(loss_fn.keywords["loss_fn"]), loss_fn.keywords["weights"])
     if getattr(loss_fn, "func", loss_fn) is hinge:
-        return functools.partial(smooth_hinge, h=SMOOTHING)
+        return functools.partial(smooth_hinge, h=SMOOTHING,
+                                 **getattr(loss_fn, "keywords", {}))
     return loss_fn

@@ -23,7 +23,7 @@ from largeml.config import l2_strength, validate
 from largeml.data.batches import DataModule, check_batch_size
 from largeml.device import resolve_device, skip_compiler_import
 from largeml.distributed import Processes, agreed, launch_id
-from largeml.errors import LargemlError
+from largeml.errors import ConfigError, LargemlError
 from largeml.logger import flatten
 from largeml.sweep import record_failure
 from largeml.trainer import Preempted, Trainer
@@ -63,6 +63,10 @@ for _name, _resolver in (("largeml.launch_dir", launch_dir),
 def loss_function(config: DictConfig, data: DataModule):
     """The run's loss: `config`'s function, with the class weights `loss.class_weight` asks
     for (logged) multiplying each row's loss."""
+    multiclass = config.get("multiclass", losses.MULTICLASS[0])
+    if multiclass not in losses.MULTICLASS:
+        raise ConfigError(f"loss.multiclass must be one of {', '.join(losses.MULTICLASS)}, got "
+                          f"{multiclass!r}")
     loss_fn = build_function(config)
     spec = config.get("class_weight")
     spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec

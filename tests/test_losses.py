@@ -88,3 +88,17 @@ def test_squared_hinge_gradient() -> None:
     squared_hinge(scores, labels).sum().backward()
     # d/ds (1 - t s)^2 = -2 t (1 - t s): -2*0.5, +2*3, 0
     torch.testing.assert_close(scores.grad, torch.tensor([-1.0, 6.0, 0.0]))
+
+
+def test_one_vs_rest_is_k_binary_hinges_summed() -> None:
+    torch.manual_seed(1)
+    scores = torch.randn(20, 3, dtype=torch.float64)
+    labels = torch.randint(0, 3, (20,)).double()
+    expected = sum(hinge(scores[:, k], (labels == k).double()) for k in range(3))
+    torch.testing.assert_close(hinge(scores, labels, multiclass="ovr"), expected)
+    torch.testing.assert_close(squared_hinge(scores, labels, multiclass="ovr"),
+                               sum(squared_hinge(scores[:, k], (labels == k).double())
+                                   for k in range(3)))
+    # One score a row (two classes): the option changes nothing.
+    torch.testing.assert_close(hinge(scores[:, 0], labels.clamp(max=1), multiclass="ovr"),
+                               hinge(scores[:, 0], labels.clamp(max=1)))

@@ -128,11 +128,13 @@ def test_logreg_on_digits_is_scikit_learns_multinomial_optimum(digits):
     np.testing.assert_array_equal(raw_scores.argmax(1), table[:, -1])
 
 
-def test_svm_on_digits_within_a_point_of_linear_svc(digits):
+@pytest.mark.parametrize("multiclass", ["crammer_singer", "ovr"])
+def test_svm_on_digits_within_a_point_of_linear_svc(digits, multiclass):
     from sklearn.svm import LinearSVC
 
     tmp, split, train_file, val_file = digits
-    run_dir = train(tmp, "svm", train_file, val_file, "model=svm")
+    run_dir = train(tmp, f"svm-{multiclass}", train_file, val_file, "model=svm",
+                    f"loss.multiclass={multiclass}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stopped"] == "converged"
     state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
