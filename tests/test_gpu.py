@@ -35,6 +35,26 @@ def test_train_on_cuda(tmp_path, model, precision):
     assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
 
 
+@pytest.mark.parametrize("overrides", [
+    ["model=logreg"],  # multinomial, the full-batch L-BFGS on GPU-held rows
+    ["model=svm", "optimizer=sgd", "loss.multiclass=ovr"],
+    ["model=mlp", "loss.class_weight=balanced"],
+    ["model=rff", "model.n_components=256"],
+], ids=["logreg", "svm-ovr", "mlp-weighted", "rff"])
+def test_three_classes_on_cuda_match_the_cpu(tmp_path, overrides):
+    three = ["data.n_samples=3000", "data.n_features=20", "data.n_classes=3",
+             "trainer.max_epochs=3", *overrides]
+    accuracy = {}
+    for device in ("cpu", "cuda"):
+        run_dir = tmp_path / device
+        result = run_cli(f"hydra.run.dir={run_dir}", *three, f"trainer.device={device}",
+                         cwd=tmp_path)
+        assert result.returncode == 0, result.stderr + result.stdout
+        accuracy[device] = json.loads((run_dir / "metrics.json").read_text())["val/accuracy"]
+    assert accuracy["cpu"] > 0.6  # chance is 1/3
+    assert accuracy["cuda"] == pytest.approx(accuracy["cpu"], abs=0.02)
+
+
 def test_a9a_on_cuda_matches_cpu_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(f"hydra.run.dir={run_dir}", "data=a9a", "trainer.device=cuda", cwd=tmp_path)
