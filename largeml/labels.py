@@ -61,10 +61,6 @@ class Classes:
         return cls(values)
 
     @classmethod
-    def of_labels(cls, labels: Tensor, where: str) -> "Classes":
-        return cls.of_counts(count_labels(labels), where)
-
-    @classmethod
     def of_names(cls, names: Iterable[str]) -> "Classes":
         """From the spelled labels a checkpoint keeps."""
         return cls(tuple(float(n) for n in names))

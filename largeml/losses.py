@@ -112,6 +112,15 @@ def class_weights_of(loss_fn) -> Tensor | None:
     return loss_fn.keywords["weights"] if getattr(loss_fn, "func", None) is _weighted else None
 
 
+def on_device(loss_fn, device: torch.device):
+    """`loss_fn` with its class weights (if any) on `device`: copied there once, not at each
+    call."""
+    weights = class_weights_of(loss_fn)
+    if weights is None or weights.device == device:
+        return loss_fn
+    return weighted(loss_fn.keywords["loss_fn"], weights.to(device))
+
+
 def _weighted(scores: Tensor, targets: Tensor, loss_fn, weights: Tensor) -> Tensor:
     return loss_fn(scores, targets) * weights.to(scores.device)[targets.long()]
 

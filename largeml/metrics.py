@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from largeml import losses
+
 
 def predicted(scores: Tensor) -> Tensor:
     """Each row's predicted class index (long): score > 0 for one score, else the argmax."""
@@ -124,9 +126,5 @@ def hinge_loss(scores: Tensor, targets: Tensor) -> float:
     """Mean of max(0, 1 − t·s) with t = 2y − 1 ∈ {−1, +1}: the SVM's margin loss (K scores:
     Crammer–Singer's, max(0, 1 + max_{j≠y} s_j − s_y))."""
     if scores.dim() == 2:
-        y = targets.long().unsqueeze(1)
-        s = scores.double()
-        gap = 1 + s.scatter(1, y, float("-inf")).amax(1) - s.gather(1, y).squeeze(1)
-        return torch.clamp(gap, min=0).mean().item()
-    t = 2 * targets.double().flatten() - 1
-    return torch.clamp(1 - t * scores.double().flatten(), min=0).mean().item()
+        return losses.hinge(scores.double(), targets).mean().item()
+    return losses.hinge(scores.double().flatten(), targets.double().flatten()).mean().item()

@@ -93,9 +93,9 @@ def value(model: nn.Module, loss_fn: LossFn, batches: Iterable[Batch], l2: float
         weights = penalised_weights(model)
         l1_term = l1 * l1_norm(weights) if l1 > 0 else 0.0
         loss = _compiled(model, loss_fn)
-        if loss is not None and l1 == 0:  # with or without ∇f: the same sums, the same f
-            f, norm = _linear_value(model, loss, on_device, l2, n_rows, reduce)
-            return f, norm if gradient else None
+        if loss is not None:  # with or without ∇f: the same sums, the same f
+            f, norm = _linear_value(model, loss, on_device, l2, n_rows, reduce, l1)
+            return f + l1_term, norm if gradient else None
         if gradient:
             full = FullBatch(model, loss_fn, on_device, l2, n_rows, reduce)
             f = full().item() + l1_term
@@ -124,9 +124,10 @@ def _compiled(model: nn.Module, loss_fn: LossFn) -> int | None:
 
 @torch.no_grad()
 def _linear_value(model: "Linear", loss: int, batches: Iterable[Batch], l2: float, n_rows: int,
-                  reduce: Reduce) -> tuple[float, float]:
+                  reduce: Reduce, l1: float = 0.0) -> tuple[float, float]:
     """`value(..., gradient=True)` for a linear model in one pass over each batch's non-zeros
-    (CSR batches; dense ones by two matrix products), with no autograd graph."""
+    (CSR batches; dense ones by two matrix products), with no autograd graph: f without the
+    L1 term, and the norm of the smallest subgradient with it."""
     w = model.linear.weight.detach()[0]
     scale = model.input.mult if model.input.active else None
     bias = float(model.linear.bias)
@@ -150,7 +151,7 @@ def _linear_value(model: "Linear", loss: int, batches: Iterable[Batch], l2: floa
     grad = flat / n_rows
     grad[:-1] += l2 * w
     f = reduce(total).item() / n_rows + penalty([w], l2).item()
-    return f, grad.double().norm().item()
+    return f, subgradient_norm([w, model.linear.bias], [grad[:-1], grad[-1:]], [True, False], l1)
 
 
 class FullBatch:

@@ -43,7 +43,7 @@ from largeml.device import autocast, cpu_threads, resolve_device
 from largeml.distributed import Processes, SigtermAgreement
 from largeml.errors import ConfigError, LargemlError
 from largeml.logger import HParamValue, NoLogger, RunLogger
-from largeml.losses import class_weights_of, smoothed
+from largeml.losses import class_weights_of, on_device, smoothed
 from largeml.metrics import accuracy, roc_auc
 from largeml.models import penalised_weights
 from largeml.progress import Progress, Throughput
@@ -134,7 +134,7 @@ class Trainer:
                     self.module,
                     device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
-        self.loss_fn = loss_fn
+        self.loss_fn = loss_fn = on_device(loss_fn, self.device)  # class weights, once
         # What the solver minimises: the loss itself, or for a full-batch solver a twice
         # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
         self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
@@ -409,7 +409,8 @@ class Trainer:
         """f (the documented loss) and the relative gradient norm of what the solver minimises,
         over all training rows."""
         if self.closure is not None:  # full batch: the solver's own f, ∇f (its next step's start)
-            closure, l1_term = self.closure, self.l1 * objective.l1_norm(self.penalised)
+            closure = self.closure
+            l1_term = self.l1 * objective.l1_norm(self.penalised) if self.l1 else 0.0
             self.solver_objective = closure().item() + l1_term
             g = objective.subgradient_norm(closure.params, [p.grad for p in closure.params],
                                            closure.penalised, self.l1)

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -53,10 +52,7 @@ def main() -> None:
         split = getattr(datasets, name)()
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            for part, x, y in (("train", split.x_train, split.y_train),
-                               ("val", split.x_val, split.y_val)):
-                np.save(tmp / f"x_{part}.npy", x.astype(np.float32))
-                np.save(tmp / f"y_{part}.npy", y)
+            datasets.write_npy(tmp, split)
             cells = ["{:.2%} ({:.0f} s)".format(*train(tmp, "model=svm"))]
             for d in COMPONENTS:
                 cells.append("{:.2%} ({:.0f} s)".format(

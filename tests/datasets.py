@@ -241,6 +241,14 @@ SETS: dict[str, Callable[[int], Split]] = {
 # ----------------------------------------------------------------------------- LIBSVM
 
 
+def write_npy(root: Path, split: Split) -> None:
+    """Writes x_train.npy, y_train.npy, x_val.npy, y_val.npy (float32 features) under `root`,
+    as `data=files data.labels=...` reads them."""
+    for part, x, y in (("train", split.x_train, split.y_train), ("val", split.x_val, split.y_val)):
+        np.save(Path(root) / f"x_{part}.npy", np.asarray(x, dtype=np.float32))
+        np.save(Path(root) / f"y_{part}.npy", y)
+
+
 def write_libsvm(path: str | Path, x: Features, y: np.ndarray, signed: bool = True,
                  chunk_rows: int = 10_000) -> None:
     """Writes LIBSVM text: `label index:value ...`, 1-based indices, only non-zeros, values as

@@ -4,7 +4,6 @@ conditions."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,10 +22,9 @@ L1 = 0.01
 def few(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("few")
     split = datasets.few_relevant()
-    for part, x, y in (("train", split.x_train, split.y_train), ("val", split.x_val, split.y_val)):
-        np.save(tmp / f"x_{part}.npy", x.astype(np.float32))
-        np.save(tmp / f"y_{part}.npy", y)
-        datasets.write_libsvm(tmp / f"{part}.svm", x, y)
+    datasets.write_npy(tmp, split)
+    datasets.write_libsvm(tmp / "train.svm", split.x_train, split.y_train)
+    datasets.write_libsvm(tmp / "val.svm", split.x_val, split.y_val)
     return tmp, split
 
 

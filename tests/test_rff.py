@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,9 +20,7 @@ from largeml.models import RFF  # noqa: E402
 def interactions(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interactions")
     split = datasets.interactions()
-    for part, x, y in (("train", split.x_train, split.y_train), ("val", split.x_val, split.y_val)):
-        np.save(tmp / f"x_{part}.npy", x.astype(np.float32))
-        np.save(tmp / f"y_{part}.npy", y)
+    datasets.write_npy(tmp, split)
     return tmp, split
 
 
