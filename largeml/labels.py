@@ -1,10 +1,15 @@
 """The label contract: what a dataset's classes are, and how a label becomes a class index.
 
 A label, as written in the data, is an integer class id (LIBSVM `+1`, `-1`, `1` … `20`; a CSV or
-`.npy` column of integers). Shards store labels as written, and their index counts each one.
-The classes of a run are the distinct labels of its training rows, in increasing order; class k
-is the k-th of them, and the model has one score per class, except for two classes (the binary
-case): one score, positive for the second class.
+`.npy` column of integers) or, in a CSV whose first label is not a number, a string (`cat`,
+`spam`). Shards store numbers as written; a file of string labels stores each as a code, the
+position of its string in the file's `label_names` (`largeml.data.shards`). Either way the
+index counts each label, by its spelling (`label_counts`).
+
+The classes of a run are the distinct labels of its training rows, in increasing order (numbers
+by value, strings alphabetically); class k is the k-th of them, and the model has one score per
+class, except for two classes (the binary case): one score, positive for the second class.
+A checkpoint keeps the classes' spellings, in class order.
 
 Binary data spelled {0, 1} or {−1, +1} is one convention, as it always was in largeml: with
 training classes [0, 1] or [−1, 1], a label of 1 is the positive class and 0 or −1 the
@@ -44,30 +49,58 @@ def count_labels(values: np.ndarray | Tensor) -> dict[str, int]:
     return {spell(v): int(n) for v, n in zip(found.tolist(), counts.tolist(), strict=True)}
 
 
+def is_number(name: str) -> bool:
+    try:
+        return math.isfinite(float(name))
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """One file's stored labels -> class indices (float32): the stored values, sorted, and the
+    class of each. Made by `Classes.label_map`; a file's labels are checked first
+    (`Classes.check`), so each stored label is one of `stored`."""
+
+    stored: Tensor  # float32, increasing
+    index: Tensor  # float32, the class index of each
+
+    def __call__(self, labels: Tensor) -> Tensor:
+        stored, index = self.stored.to(labels.device), self.index.to(labels.device)
+        at = torch.searchsorted(stored, labels.contiguous()).clamp_(max=len(stored) - 1)
+        return index[at]
+
+
 @dataclass(frozen=True)
 class Classes:
-    """The classes of a training set: its distinct labels, in increasing order."""
+    """The classes of a training set: its distinct labels, spelled as written, in class order."""
 
-    values: tuple[float, ...]
+    labels: tuple[str, ...]
 
     @classmethod
     def of_counts(cls, counts: Mapping[str, int], where: str) -> "Classes":
-        """The classes of a label count (`ShardIndex.label_counts`): labels with rows."""
-        values = tuple(sorted(float(k) for k, n in counts.items() if n > 0))
-        if len(values) < 2:
-            shown = ", ".join(spell(v) for v in values) or "none"
+        """The classes of a label count (`ShardIndex.label_counts`): labels with rows, numbers
+        in increasing order, or strings in alphabetical order if any label is not a number."""
+        found = [str(k) for k, n in counts.items() if n > 0]
+        if len(found) < 2:
             raise DataError(f"{where}: a classifier needs at least two classes in its training "
-                            f"rows; found {len(values)} ({shown})")
-        return cls(values)
+                            f"rows; found {len(found)} ({', '.join(found) or 'none'})")
+        if all(is_number(k) for k in found):
+            return cls(tuple(spell(v) for v in sorted(float(k) for k in found)))
+        return cls(tuple(sorted(found)))
 
     @classmethod
-    def of_names(cls, names: Iterable[str]) -> "Classes":
-        """From the spelled labels a checkpoint keeps."""
-        return cls(tuple(float(n) for n in names))
+    def of_names(cls, names: Iterable[Any]) -> "Classes":
+        """From the spelled labels a checkpoint keeps, in class order."""
+        return cls(tuple(str(n) for n in names))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.labels)
 
     @property
     def k(self) -> int:
-        return len(self.values)
+        return len(self.labels)
 
     @property
     def binary(self) -> bool:
@@ -79,39 +112,61 @@ class Classes:
         return 1 if self.binary else self.k
 
     @property
-    def names(self) -> list[str]:
-        return [spell(v) for v in self.values]
+    def numeric(self) -> bool:
+        return all(is_number(n) for n in self.labels)
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The labels as numbers (numeric classes only)."""
+        return tuple(float(n) for n in self.labels)
 
     @property
     def convention(self) -> bool:
         """Binary {0, 1} or {−1, +1}: 1 is positive, 0 and −1 both negative."""
-        return self.values in BINARY_SPELLINGS
+        return self.numeric and self.values in BINARY_SPELLINGS
 
-    def known(self, value: float) -> bool:
-        return value in self.values or (self.convention and value in (-1.0, 0.0, 1.0))
+    def position(self, label: Any) -> int | None:
+        """The class index of a label, as written (a number or a string); None if it is none
+        of these classes."""
+        name = str(label)
+        if self.numeric and is_number(name):
+            value = float(name)
+            if self.convention and value in (-1.0, 0.0, 1.0):
+                return int(value > 0)
+            return self.values.index(value) if value in self.values else None
+        return self.labels.index(name) if name in self.labels else None
 
     def check(self, counts: Mapping[str, int], where: str) -> None:
         """Raises a DataError if a set with labels `counts` has a label outside these classes."""
-        unknown = [k for k, n in counts.items() if n > 0 and not self.known(float(k))]
+        unknown = [k for k, n in counts.items() if n > 0 and self.position(k) is None]
         if unknown:
             raise DataError(f"{where}: label {unknown[0]} is not one of the training classes "
                             f"({', '.join(self.names)})")
 
+    def label_map(self, stored: Mapping[float, str]) -> LabelMap:
+        """The map of a file whose labels are stored as the keys of `stored` (spelled as its
+        values): numbers as written, or string codes (`ShardIndex.stored_labels`)."""
+        keys = sorted(stored)
+        index = [self.position(stored[key]) for key in keys]
+        if None in index:
+            raise DataError(f"label {stored[keys[index.index(None)]]} is not one of the "
+                            f"training classes ({', '.join(self.names)})")
+        return LabelMap(torch.tensor(keys, dtype=torch.float32),
+                        torch.tensor(index, dtype=torch.float32))
+
     def index(self, labels: Tensor) -> Tensor:
-        """Labels as written -> class indices, float32 (0 ... K−1; 0/1 for two classes)."""
-        if self.convention:
-            return (labels > 0).float()
-        if self.binary:
-            return (labels == self.values[1]).float()
-        table = torch.tensor(self.values, dtype=labels.dtype, device=labels.device)
-        return torch.searchsorted(table, labels.contiguous()).float()
+        """Numeric labels as written -> class indices, float32 (0 ... K−1; 0/1 for two
+        classes); for rows held in memory."""
+        found = np.unique(labels.double().cpu().numpy()).tolist()
+        return self.label_map({v: spell(v) for v in found})(labels.float())
 
     def counts(self, label_counts: Mapping[str, int]) -> list[int]:
         """Rows per class (in class order) of a label count as written."""
         out = [0] * self.k
         for label, n in label_counts.items():
-            if n > 0 and self.known(float(label)):
-                out[int(self.index(torch.tensor([float(label)]))[0])] += n
+            k = self.position(label)
+            if n > 0 and k is not None:
+                out[k] += n
         return out
 
     def weights(self, spec: Any, label_counts: Mapping[str, int], key: str) -> Tensor | None:
@@ -128,17 +183,21 @@ class Classes:
                               f"{spec!r}")
         out = torch.ones(self.k)
         for label, weight in spec.items():
-            try:
-                value = float(label)
-            except ValueError:
-                value = math.nan
-            if not self.known(value):
+            k = self.position(label)
+            if k is None:
                 raise ConfigError(f"{key}: {label!r} is not one of the training classes "
                                   f"({', '.join(self.names)})")
             if not isinstance(weight, int | float) or not weight > 0:
                 raise ConfigError(f"{key}.{label} must be a positive number, got {weight!r}")
-            out[int(self.index(torch.tensor([value]))[0])] = float(weight)
+            out[k] = float(weight)
         return out
+
+    def spelled(self, index: np.ndarray) -> np.ndarray:
+        """Class indices -> labels as written: integers (int64) for numeric classes, else
+        strings."""
+        if self.numeric:
+            return np.array(self.values, dtype=np.int64)[index]
+        return np.array(self.names)[index]
 
     def __str__(self) -> str:
         if self.k <= 6:
@@ -146,4 +205,4 @@ class Classes:
         return f"{self.k} classes ({', '.join(self.names[:3])} ... {self.names[-1]})"
 
 
-BINARY = Classes((0.0, 1.0))  # two classes spelled 0 and 1
+BINARY = Classes(("0", "1"))  # two classes spelled 0 and 1

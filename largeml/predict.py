@@ -2,14 +2,15 @@
 prediction per input row, in the input's order.
 
 The keys are in `configs/predict.yaml`. Per row: `score` (the model's output), `probability`
-(sigmoid of the score, for models trained with `loss=bce` only) and `label` (1 if score > 0,
-else 0). For a model of K > 2 classes: `score_<label>` for each class, `probability_<label>`
-(the softmax, loss=bce only) and `label`, the class of the highest score as the training data
-wrote it. The input is read and the output written `batch_size` rows at a time, so memory is one
-batch whatever the file's size. A `.npy` input is read in place (memory-mapped) and needs no
-labels, nor does a CSV without a `label` column; shard directories and LIBSVM / CSV files go
-through the same conversion cache as `data=files`. A missing file or a bad option stops with
-exit code 2.
+(sigmoid of the score, for models trained with `loss=bce` only) and `label` (the second class
+if score > 0, else the first: 1 or 0 for data labelled 0/1, +1 or -1 for -1/+1). For a model of
+K > 2 classes: `score_<label>` for each class, `probability_<label>` (the softmax, loss=bce
+only) and `label`, the class of the highest score. Labels are spelled as the training data
+spelled them (numbers, or a CSV's strings). The input is read and the output written
+`batch_size` rows at a time, so memory is one batch whatever the file's size. A `.npy` input
+is read in place (memory-mapped) and needs no labels, nor does a CSV without a `label` column;
+shard directories and LIBSVM / CSV files go through the same conversion cache as `data=files`.
+A missing file or a bad option stops with exit code 2.
 """
 
 import logging
@@ -85,20 +86,44 @@ def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
 
 
 def columns(scores: Tensor, logistic: bool, classes: Classes = BINARY) -> dict[str, np.ndarray]:
-    """The output columns of a batch's scores, in order."""
+    """The output columns of a batch's scores, in order; `label`, the predicted class, is
+    spelled as the training data spells it."""
     if classes.binary:
         out = {"score": scores.numpy()}
         if logistic:
             out["probability"] = torch.sigmoid(scores).numpy()
-        out["label"] = (scores > 0).to(torch.int8).numpy()
+        out["label"] = classes.spelled((scores > 0).long().numpy())
         return out
     out = {f"score_{name}": scores[:, k].numpy() for k, name in enumerate(classes.names)}
     if logistic:
         p = torch.softmax(scores, dim=1)
         out |= {f"probability_{name}": p[:, k].numpy() for k, name in enumerate(classes.names)}
-    table = np.array(classes.values, dtype=np.int64)
-    out["label"] = table[scores.argmax(1).numpy()]
+    out["label"] = classes.spelled(scores.argmax(1).numpy())
     return out
+
+
+def label_dtype(classes: Classes) -> str:
+    """The `.npy` type of the label column: the smallest integer that holds the labels, or
+    strings as long as the longest."""
+    if not classes.numeric:
+        return f"U{max(len(n) for n in classes.names)}"
+    values = np.array(classes.values)
+    for kind in ("i1", "i2", "i4"):
+        info = np.iinfo(kind)
+        if info.min <= values.min() and values.max() <= info.max:
+            return kind
+    return "i8"
+
+
+def csv_rows(values: dict[str, np.ndarray], names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """A batch's columns as one table for `np.savetxt`, and each column's format."""
+    formats = ["%.9g"] * (len(names) - 1) + ["%d" if values["label"].dtype.kind == "i" else "%s"]
+    if values["label"].dtype.kind == "i":
+        return np.column_stack([values[n] for n in names]), formats
+    table = np.empty((len(values["label"]), len(names)), dtype=object)
+    for j, name in enumerate(names):
+        table[:, j] = values[name]
+    return table, formats
 
 
 def run(cfg: DictConfig) -> tuple[int, Path]:
@@ -118,8 +143,7 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
     output.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     if output.suffix == ".npy":
-        label_type = "i1" if classes.binary else "i8"
-        dtype = np.dtype([(n, label_type if n == "label" else "f4") for n in names])
+        dtype = np.dtype([(n, label_dtype(classes) if n == "label" else "f4") for n in names])
         table = np.lib.format.open_memmap(output, mode="w+", dtype=dtype, shape=(rows,))
         for scores in batches:
             for name, values in columns(scores, logistic, classes).items():
@@ -131,9 +155,8 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
         with open(output, "w") as file:
             file.write(",".join(names) + "\n")
             for scores in batches:
-                values = columns(scores, logistic, classes)
-                np.savetxt(file, np.column_stack([values[n] for n in names]),
-                           fmt=["%.9g"] * (len(names) - 1) + ["%d"], delimiter=",")
+                table, formats = csv_rows(columns(scores, logistic, classes), names)
+                np.savetxt(file, table, fmt=formats, delimiter=",")
                 written += len(scores)
     assert written == rows, f"wrote {written} of {rows} rows"
     return written, output

@@ -41,6 +41,7 @@ from largeml.data import hashing, shards
 from largeml.data.libsvm import MAX_INDEX, parse_line
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import ConfigError, DataError
+from largeml.labels import is_number
 from largeml.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -336,11 +337,21 @@ def _fits_float32(values: np.ndarray) -> bool:
 
 class _Labels:
     """Checks one file's raw labels: finite integers (class ids, `largeml.labels`), kept as
-    written; remembers where each label was first seen."""
+    written; remembers where each label was first seen. A CSV whose first label is not a number
+    has string labels (`strings`): each is stored as its code, its position in `names`."""
 
     def __init__(self, unit: str) -> None:
         self.unit = unit  # "line" or "row": how a place in the file is named
         self.first: dict[float, int] = {}  # raw label -> where it was first seen
+        self.strings: bool | None = None  # CSV: decided by the first label (`decide`)
+        self.names: dict[str, int] = {}  # string labels -> code, numbered as first met
+
+    def decide(self, first: str, where: str) -> None:
+        """String labels if the file's first label, `first`, is not a number."""
+        self.strings = not is_number(first)
+        if self.strings:
+            log.info("%s: label %r is not a number: this file's labels are strings", where,
+                     first)
 
     def accept(self, raw: np.ndarray, places: np.ndarray) -> bool:
         """Records a chunk's labels; False (recording nothing) if any is wrong."""
@@ -358,6 +369,29 @@ class _Labels:
             raise DataError(f"{where}: label {token!r} is not an integer class id; labels are "
                             "integers (0/1, -1/+1, or 0 ... K-1, 1 ... K)")
         self.first.setdefault(value, place)
+
+    def code(self, name: str, where: str) -> float:
+        """The code of one string label."""
+        if not name:
+            raise DataError(f"{where}: the label is empty")
+        return float(self.names.setdefault(name, len(self.names)))
+
+    def codes(self, buf: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray | None:
+        """The codes of the string labels `buf[starts[i]:ends[i]]`, all at once; None if one
+        needs a closer look (empty, quoted, padded with spaces, or long)."""
+        lens = ends - starts
+        width = int(lens.max(initial=1))
+        if lens.min(initial=1) < 1 or width > _MAX_WIDTH:
+            return None
+        places = np.arange(width)
+        chars = np.where(places < lens[:, None], buf[starts[:, None] + places], 0)
+        edges = np.concatenate([buf[starts], buf[ends - 1]])
+        if (chars == ord('"')).any() or (edges == ord(" ")).any():
+            return None
+        fixed = np.ascontiguousarray(chars, dtype=np.uint8).view(f"S{width}").ravel()
+        found, inverse = np.unique(fixed, return_inverse=True)
+        table = np.array([self.code(f.decode("utf-8", errors="replace"), "") for f in found])
+        return table[inverse.ravel()]
 
 
 def _stored(raw: np.ndarray) -> np.ndarray:
@@ -518,16 +552,31 @@ def _convert_csv(path: Path, chunks: Iterator[tuple[int, bytes]], output: str | 
         for first_line, text in itertools.chain([(lineno, chunk)], chunks):
             if not text:
                 continue
-            matrix = _csv_fast(text, first_line, len(header), label_at, labels)
-            if matrix is None:
-                matrix = _csv_slow(text, first_line, path, header, label_at, labels)
-            y = np.zeros(len(matrix)) if label_at is None else matrix[:, label_at]
-            rows = _Rows(y=_stored(y), x=matrix[:, features].astype(np.float32))
+            if label_at is not None and labels.strings is None:
+                first = _first_label(text, first_line, label_at)
+                if first is not None:
+                    labels.decide(first[1], f"{path}:{first[0]}")
+            parsed = _csv_fast(text, first_line, len(header), label_at, labels)
+            if parsed is None:
+                parsed = _csv_slow(text, first_line, path, header, label_at, labels)
+            x, y = parsed
+            rows = _Rows(y=_stored(y), x=x.astype(np.float32))
             _write_dense(writer, rows, len(features), piece)
-            rows_read += len(matrix)
+            rows_read += len(x)
         if not rows_read:
             raise DataError(f"{path}: no data rows after the header")
+        if labels.strings:
+            writer.label_names = list(labels.names)
     return open_shards(output)
+
+
+def _first_label(text: bytes, lineno: int, label_at: int) -> tuple[int, str] | None:
+    """The line number and label of the chunk's first data line (None if it has none)."""
+    for number, line in enumerate(text.split(b"\n"), lineno):
+        if line.strip():
+            fields = next(csv.reader([line.decode("utf-8", errors="replace")]))
+            return number, (fields[label_at].strip() if label_at < len(fields) else "")
+    return None
 
 
 def csv_header(path: Path) -> list[str]:
@@ -567,8 +616,9 @@ def _label_position(header: list[str], label_column: str | int, path: Path) -> i
 
 
 def _csv_fast(chunk: bytes, lineno: int, n_columns: int, label_at: int | None,
-              labels: _Labels) -> np.ndarray | None:
-    """Parses a chunk of CSV rows into a float64 matrix; None if anything needs a closer look."""
+              labels: _Labels) -> tuple[np.ndarray, np.ndarray] | None:
+    """Parses a chunk of CSV rows into float64 features and labels (codes, for string
+    labels); None if anything needs a closer look."""
     if n_columns < 2:  # one column, no commas: left to the slow path
         return None
     if b"\r" in chunk:
@@ -583,26 +633,31 @@ def _csv_fast(chunk: bytes, lineno: int, n_columns: int, label_at: int | None,
     if (per_line[filled] != n_columns - 1).any():
         return None
     commas = np.flatnonzero(is_comma).reshape(-1, n_columns - 1)  # row by row
-    starts = np.column_stack([line_starts[filled], commas + 1]).ravel()
-    ends = np.column_stack([commas, newlines[filled]]).ravel()
-    values = _parse_or_none(buf, starts, ends)
-    if values is None:
+    starts = np.column_stack([line_starts[filled], commas + 1])
+    ends = np.column_stack([commas, newlines[filled]])
+    columns = np.arange(n_columns) != label_at
+    features = _parse_or_none(buf, starts[:, columns].ravel(), ends[:, columns].ravel())
+    if features is None:
         return None
-    matrix = values.reshape(-1, n_columns)
-    features = matrix if label_at is None else np.delete(matrix, label_at, axis=1)
+    features = features.reshape(len(starts), int(columns.sum()))
     if not _fits_float32(features):
         return None
-    if label_at is not None and not labels.accept(matrix[:, label_at],
-                                                  lineno + np.flatnonzero(filled)):
-        return None
-    return matrix
+    if label_at is None:
+        return features, np.zeros(len(features))
+    if labels.strings:
+        y = labels.codes(buf, starts[:, label_at], ends[:, label_at])
+    else:
+        y = _parse_or_none(buf, starts[:, label_at], ends[:, label_at])
+        if y is not None and not labels.accept(y, lineno + np.flatnonzero(filled)):
+            return None
+    return None if y is None else (features, y)
 
 
 def _csv_slow(chunk: bytes, lineno: int, path: Path, header: list[str], label_at: int | None,
-              labels: _Labels) -> np.ndarray:
+              labels: _Labels) -> tuple[np.ndarray, np.ndarray]:
     """Parses a chunk of CSV line by line: what is accepted, and the error for what is not."""
-    rows = []
-    text = chunk.decode("ascii", errors="replace").split("\n")
+    rows, y = [], []
+    text = chunk.decode("utf-8", errors="replace").split("\n")
     for number, fields in enumerate(csv.reader(text), lineno):
         if not any(field.strip() for field in fields):
             continue
@@ -611,21 +666,32 @@ def _csv_slow(chunk: bytes, lineno: int, path: Path, header: list[str], label_at
             raise DataError(f"{where}: {len(fields)} fields, but the header has {len(header)}")
         row = []
         for column, (name, field) in enumerate(zip(header, fields, strict=True)):
+            if column == label_at and labels.strings:
+                y.append(labels.code(field.strip(), f"{where}: column {name!r}"))
+                continue
             try:
                 value = float(field)
             except ValueError:
-                what = "label" if column == label_at else "value"
+                if column == label_at:
+                    raise DataError(
+                        f"{where}: column {name!r}: label {field!r} is not a number, but this "
+                        "file's first label was: a CSV's labels are all numbers, or strings "
+                        "from the first row on") from None
                 raise DataError(
-                    f"{where}: column {name!r}: {what} {field!r} is not a number"
+                    f"{where}: column {name!r}: value {field!r} is not a number"
                 ) from None
             if column == label_at:
                 labels.check(value, field, f"{where}: column {name!r}", number)
+                y.append(value)
             elif not _fits_float32(np.array([value])):
                 raise DataError(f"{where}: column {name!r}: value {field!r} is not finite "
                                 "as float32")
-            row.append(value)
+            else:
+                row.append(value)
         rows.append(row)
-    return np.array(rows, dtype=np.float64).reshape(-1, len(header))
+    n_features = len(header) - (label_at is not None)
+    x = np.array(rows, dtype=np.float64).reshape(-1, n_features)
+    return x, (np.zeros(len(x)) if label_at is None else np.array(y, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------- .npy

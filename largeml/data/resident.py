@@ -60,7 +60,7 @@ class ResidentStream(IterableDataset):
                 piece = np.load(index.path(index.shards[shard], kind), mmap_mode="r")[lo:hi]
                 out[row:row + hi - lo] = torch.from_numpy(np.array(piece))
             row += hi - lo
-        self.x, self.y = x, (y if stream.classes is None else stream.classes.index(y))
+        self.x, self.y = x, (y if stream.label_map is None else stream.label_map(y))
 
     def __iter__(self) -> Iterator[Batch]:
         if self.x is None or self.y is None:

@@ -2,7 +2,8 @@
 
     dataset/
       index.json          what is below, with per-file sizes and CRC-32 checksums
-      y-00000.npy         float32 (rows,): labels as written (integer class ids)
+      y-00000.npy         float32 (rows,): labels as written (integer class ids), or for
+                          string labels (CSV) their codes: positions in the index's label_names
       x-00000.npy         dense:  float32 (rows, n_features), row-major
       indptr-00000.npy    sparse: int64 (rows + 1,), starting at 0 in every shard
       indices-00000.npy   sparse: int32 (nnz,), 0-based feature indices
@@ -68,6 +69,14 @@ class ShardIndex:
     label_counts: dict[str, int]
     shards: list[Shard]
     source: dict[str, Any]
+    label_names: list[str] | None = None  # string labels: code i stands for label_names[i]
+
+    @property
+    def stored_labels(self) -> dict[float, str]:
+        """Each label value stored in the shards, and the label it stands for."""
+        if self.label_names is not None:
+            return {float(code): name for code, name in enumerate(self.label_names)}
+        return {float(label): label for label in self.label_counts}
 
     def path(self, shard: Shard, kind: str) -> Path:
         return self.root / shard.files[kind]["name"]
@@ -117,6 +126,9 @@ class ShardWriter:
         self.tmp_dir.mkdir(parents=True)
         self.shards: list[Shard] = []
         self.label_counts: dict[str, int] = {}  # rows per label, as written
+        # String labels: the writer of the rows sets these (code i stands for label_names[i])
+        # before close(), which then counts labels by name.
+        self.label_names: list[str] | None = None
         self.width = 0  # highest feature index seen + 1
         self._pending: list[tuple[np.ndarray, ...]] = []
         self._pending_bytes = 0
@@ -159,6 +171,9 @@ class ShardWriter:
         n_features = self.n_features or self.width
         if self.n_features and self.width > self.n_features:
             raise DataError(f"feature index {self.width} exceeds n_features={self.n_features}")
+        counts = self.label_counts
+        if self.label_names is not None:
+            counts = {self.label_names[int(float(code))]: n for code, n in counts.items()}
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -167,7 +182,8 @@ class ShardWriter:
             "n_features": n_features,
             "dtype": "float32",
             "nnz": sum(s.nnz for s in self.shards),
-            "label_counts": self.label_counts,
+            "label_counts": counts,
+            **({} if self.label_names is None else {"label_names": self.label_names}),
             "shards": [{"rows": s.rows, "nnz": s.nnz, "files": s.files} for s in self.shards],
             "source": self.source,
         }
@@ -253,6 +269,7 @@ def open_shards(root: str | Path, verify: bool = False) -> ShardIndex:
         label_counts=meta["label_counts"],
         shards=[Shard(**s) for s in meta["shards"]],
         source=meta.get("source", {}),
+        label_names=meta.get("label_names"),
     )
     for shard in index.shards:
         for kind, info in shard.files.items():

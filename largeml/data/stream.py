@@ -86,6 +86,7 @@ class ShardStream(IterableDataset):
         self.shard_starts = np.cumsum([0] + [s.rows for s in self.index.shards]).tolist()
         self.epoch, self.start_batch = 0, 0
         self.classes = classes
+        self.label_map = None if classes is None else classes.label_map(self.index.stored_labels)
 
     def __len__(self) -> int:
         return self.n_blocks
@@ -132,7 +133,7 @@ class ShardStream(IterableDataset):
 
     def _read(self, reader: "_DenseReader | _SparseReader", runs: Runs) -> Batch:
         x, y = reader.batch(runs)
-        return x, (y if self.classes is None else self.classes.index(y))
+        return x, (y if self.label_map is None else self.label_map(y))
 
     def lane_runs(self, lane: int, n_workers: int) -> Iterator[Runs]:
         """The runs of each batch that lane `lane` of `n_workers` serves this epoch, from its
