@@ -176,6 +176,10 @@ class Trainer:
         self.best: float | None = None  # the best `best_metric` so far
         self.best_step = -1
         self.stale_validations = 0  # validations since `best` last improved
+        # With early stopping: the model (and its validation) at `best`, which the run ends
+        # with when it stops early.
+        self.best_model: dict[str, Tensor] | None = None
+        self.best_val: dict[str, float] | None = None
         # The stopping rule's record: ‖∇f‖ at the start, and the lowest f at an epoch's end.
         self.grad_norm0: float | None = None
         self.epoch_objective: float | None = None
@@ -438,17 +442,36 @@ class Trainer:
             return
         value = metrics[self.best_metric]
         lowest = BEST_METRICS[self.best_metric] == "lowest"
+        patience = self.early_stopping_patience
         if self.best is None or (value < self.best if lowest else value > self.best):
             self.best, self.best_step, self.stale_validations = value, self.step, 0
+            if patience:
+                self.best_model = _snapshot(self.module.state_dict())
+                self.best_val = dict(metrics)
         else:
             self.stale_validations += 1
-            patience = self.early_stopping_patience
             if patience and self.stale_validations >= patience:
                 self.stop_reason = "early stopping"
-                log.info("early stopping: %s has not improved on %.6g (step %d) in %d validations",
-                         self.best_metric, self.best, self.best_step, self.stale_validations)
+                log.info("early stopping: %s has not improved on %.6g (step %d) in %d "
+                         "validations; the run ends with the model of step %d",
+                         self.best_metric, self.best, self.best_step, self.stale_validations,
+                         self.best_step)
+                self._restore_best()
         if self.best_step == self.step and self.step > 0:
             self.save_checkpoint()
+
+    def _restore_best(self) -> None:
+        """Early stopping ends with the best model: its weights, and its validation as the
+        final metrics (metrics.json, last.pt)."""
+        if self.best_model is None:  # a checkpoint of a largeml before this record
+            log.warning("early stopping: the best model is not at hand (resumed from an older "
+                        "checkpoint); the run ends with the model of step %d", self.step)
+            return
+        self.module.load_state_dict(self.best_model)
+        self._last_val = dict(self.best_val or self._last_val)
+        if "train/objective" not in self._last_val:  # tol=0 measured no f at the best step
+            with self._paused():
+                self._last_val.update(self._objective())
 
     def _check_convergence(self, metrics: Mapping[str, float]) -> None:
         """The stopping rule, at the end of each epoch: a full-batch solver has converged when
@@ -519,7 +542,8 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "best": {"metric": self.best_metric, "value": self.best, "step": self.best_step,
-                     "stale_validations": self.stale_validations},
+                     "stale_validations": self.stale_validations, "model": self.best_model,
+                     "val": self.best_val},
             "convergence": {"grad_norm0": self.grad_norm0, "epoch_objective": self.epoch_objective,
                             "stalled_epochs": self.stalled_epochs,
                             "stop_reason": self.stop_reason},
@@ -592,6 +616,7 @@ class Trainer:
         if best["metric"] == self.best_metric:
             self.best, self.best_step = best["value"], best["step"]
             self.stale_validations = best["stale_validations"]
+            self.best_model, self.best_val = best.get("model"), best.get("val")
         progress = state["progress"]
         self.rows_seen, self.train_seconds = progress["rows_seen"], progress["train_seconds"]
         self._last_train, self._last_val = progress["last_train"], progress["last_val"]

@@ -36,14 +36,22 @@ def test_auto_keeps_a_given_lr_and_an_explicit_choice(compose_config, data):
 
 
 def test_auto_mlp_takes_its_step_and_stops_early_on_validation(compose_config, data):
-    cfg = compose_config("model=mlp")
+    cfg = compose_config("model=mlp", "data.batch_size=1024")
     chosen = auto.resolve(cfg, data, CPU)
     assert cfg.optimizer.lr == auto.MLP_LR
     assert cfg.trainer.early_stopping_patience == auto.EARLY_STOPPING_PATIENCE
     assert chosen["early_stopping_patience"] == str(auto.EARLY_STOPPING_PATIENCE)
-    cfg = compose_config("model=mlp", "trainer.early_stopping_patience=7")
+    assert cfg.trainer.tol == 0  # early stopping instead of the objective's rule
+    assert cfg.data.batch_size == auto.MLP_BATCH_ROWS == int(chosen["data.batch_size"])
+    for patience in (7, 0):  # a given patience stands, and so does tol; 0: no early stopping
+        cfg = compose_config("model=mlp", f"trainer.early_stopping_patience={patience}",
+                             "data.batch_size=64")
+        assert "data.batch_size" not in auto.resolve(cfg, data, CPU)
+        assert cfg.trainer.early_stopping_patience == patience and cfg.trainer.tol == 1e-4
+        assert cfg.data.batch_size == 64  # smaller batches stand
+    cfg = compose_config("model=mlp", "optimizer=adam", "data.batch_size=1024")
     auto.resolve(cfg, data, CPU)
-    assert cfg.trainer.early_stopping_patience == 7  # a given patience stands
+    assert cfg.data.batch_size == 1024  # an explicit optimizer keeps the batch as set
     cfg = compose_config("model=logreg")
     auto.resolve(cfg, data, CPU)
     assert cfg.trainer.early_stopping_patience is None  # convex: to the optimum

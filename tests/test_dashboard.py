@@ -26,6 +26,7 @@ def get_json(base: str, path: str, **query: str):
         return json.loads(response.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_server_serves_the_run(tmp_path):
     logdir = tmp_path / "outputs"
     runs = {}

@@ -200,7 +200,8 @@ def log_text(path: Path) -> str:
 # -- tests ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rdzv_id", [None, "job42"], ids=["static", "c10d-named"])
+@pytest.mark.parametrize("rdzv_id", [None, pytest.param("job42", marks=pytest.mark.slow)],
+                         ids=["static", "c10d-named"])
 def test_one_run_directory_per_launch(tmp_path, rdzv_id):
     code, output = run_torchrun(*SMALL, cwd=tmp_path, rdzv_id=rdzv_id)
     assert code == 0, output
@@ -237,7 +238,8 @@ def test_one_run_directory_per_launch(tmp_path, rdzv_id):
     assert accuracy[-1].value == pytest.approx(metrics["val/accuracy"], rel=1e-6)
 
 
-@pytest.mark.parametrize("model, classes", [("logreg", 2), ("mlp", 2), ("logreg", 3)])
+@pytest.mark.parametrize("model, classes", [
+    ("logreg", 2), pytest.param("mlp", 2, marks=pytest.mark.slow), ("logreg", 3)])
 def test_two_processes_train_the_same_model_as_one(tmp_path, model, classes):
     # 2402 training rows in global batches of 256: nine full ones and one of 98, all even; 601
     # validation rows, which 2 ranks cannot split evenly.
@@ -270,6 +272,7 @@ def test_two_processes_train_the_same_model_as_one(tmp_path, model, classes):
         two_metrics["val/accuracy"] * 601, abs=1e-3)  # a whole number of the 601 rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["logreg", "svm"])
 def test_two_processes_solve_the_same_full_batch_problem_as_one(tmp_path, model):
     """The default solver (full-batch Newton) under torchrun: each rank holds its share of the
@@ -308,6 +311,7 @@ def write_shards(root: Path, sizes: list[int], features: int, seed: int) -> Path
     return root
 
 
+@pytest.mark.slow
 def test_uneven_shards_finish(tmp_path):
     sizes, batch = [7, 300, 41, 131], 64  # 479 rows: 7 full batches and one of 31 (odd)
     train = write_shards(tmp_path / "train", sizes, features=10, seed=0)
@@ -339,6 +343,7 @@ def test_batch_size_that_does_not_split_is_refused(tmp_path):
     assert not list(tmp_path.rglob("metrics.json"))
 
 
+@pytest.mark.slow
 def test_dead_rank_ends_the_launch(tmp_path):
     run_dir = tmp_path / "run"
     launch = Launch(f"hydra.run.dir={run_dir}", *LONG, "trainer.dist_timeout=20", cwd=tmp_path)
@@ -357,6 +362,7 @@ def test_dead_rank_ends_the_launch(tmp_path):
         launch.cleanup()
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """A preemption notice that reaches one process: every rank finishes its step, stops at the
     same one, and rank 0 saves it and records why (rank 0 itself got no signal)."""
@@ -379,6 +385,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert "stopped by SIGTERM after step" in log_text(run_dir / "train.log")
 
 
+@pytest.mark.slow
 def test_hung_rank_fails_with_a_clear_error(tmp_path):
     run_dir = tmp_path / "run"
     timeout = 5

@@ -145,6 +145,37 @@ def test_svm_on_digits_within_a_point_of_linear_svc(digits, multiclass):
     assert metrics["val/accuracy"] >= reference.score(x_val, split.y_val) - 0.01
 
 
+def test_mlp_on_digits_beats_the_linear_models(digits):
+    # With defaults (optimizer=auto: Adam, early stopping on val/loss, one hidden layer of 256),
+    # above scikit-learn's multinomial LogisticRegression and LinearSVC on the same rows, and
+    # above largeml's own linear models; evaluate reads the checkpoint back to the same accuracy.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    tmp, split, train_file, val_file = digits
+    run_dir = train(tmp, "mlp", train_file, val_file, "model=mlp")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+    x_train, x_val = scaled(split.x_train, state), scaled(split.x_val, state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peers = [LogisticRegression(C=1.0, tol=1e-10, max_iter=20_000),
+                 LinearSVC(C=1.0, max_iter=100_000)]
+        best_linear = max(peer.fit(x_train, split.y_train).score(x_val, split.y_val)
+                          for peer in peers)
+    ours = [json.loads((run_dir.parent / name / "metrics.json").read_text())["val/accuracy"]
+            for name in ("logreg", "svm-crammer_singer") if (run_dir.parent / name).is_dir()]
+    assert metrics["val/accuracy"] > max([best_linear, *ours]), (metrics, best_linear, ours)
+
+    out = tmp / "eval-mlp.json"
+    result = run_module("largeml.evaluate", f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+                        f"data.path={val_file}", f"data.cache_dir={tmp / 'cache'}",
+                        f"output={out}", cwd=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluated = json.loads(out.read_text())
+    assert evaluated["accuracy"] == pytest.approx(metrics["val/accuracy"], abs=1e-6)
+
+
 def test_twenty_topics_sparse_logreg_within_half_a_point_of_scikit_learn(tmp_path):
     from sklearn.linear_model import LogisticRegression
 

@@ -270,7 +270,8 @@ def short_run(tmp_path_factory) -> Path:
 # -- 1. SIGKILL mid-run, then the same command again -----------------------------------------
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", [case if case in ("synthetic", "mlp-3-classes") else
+                                  pytest.param(case, marks=pytest.mark.slow) for case in CASES])
 def test_killed_run_resumes_bitwise_equal(tmp_path, rng, case, case_overrides, uninterrupted):
     expected_dir = uninterrupted(case)
     expected = load_checkpoint(expected_dir / "checkpoints" / "last.pt")
@@ -306,6 +307,7 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, rng, case, case_overrides, u
 # -- 2. SIGTERM --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_same_command_finishes(tmp_path, rng, case_overrides,
                                                                uninterrupted):
     expected_dir = uninterrupted("synthetic")
@@ -586,6 +588,7 @@ def checkpoints_under(cwd: Path) -> Path | None:
     return found[0] if found else None
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path, rng):
     env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}
     (tmp_path / "reference").mkdir()

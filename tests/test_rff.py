@@ -34,6 +34,7 @@ def train(tmp, name, *overrides):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.slow
 def test_rff_is_within_a_point_and_a_half_of_the_exact_kernel_svm(interactions):
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC

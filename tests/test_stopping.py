@@ -123,3 +123,34 @@ def test_train_objective_is_the_objective_of_the_exported_weights(tmp_path, mode
     metrics = metrics_of(run_dir)
     assert metrics["train/objective"] == pytest.approx(f, rel=2e-5)
     assert metrics["stopped"] == "converged"
+
+
+def test_early_stopping_ends_with_the_best_model(tmp_path):
+    # An MLP under optimizer=auto on 2,400 noisy rows overfits: val/loss turns up, the run stops
+    # 10 validations later, and ends with the model of its lowest val/loss.
+    from test_cli import read_events
+
+    run_dir = tmp_path / "run"
+    result = run_cli(f"hydra.run.dir={run_dir}", *SET, "model=mlp", "trainer.max_epochs=100",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = metrics_of(run_dir)
+    assert metrics["stopped"] == "early stopping"
+    events = read_events(run_dir)
+    # (the final step's point is the final model's: the best one, logged at the end)
+    losses = {e.step: e.value for e in events.Scalars("val/loss") if e.step < metrics["step"]}
+    accuracy = {e.step: e.value for e in events.Scalars("val/accuracy")}
+    best = min(losses, key=losses.get)
+    later = [loss for step, loss in losses.items() if step > best]
+    assert len(later) == 9 and min(later) > losses[best]  # 10 validations without a better
+    # metrics.json gives the best model's validation, not the last step's
+    assert metrics["val/loss"] == pytest.approx(losses[best], rel=1e-6)
+    assert metrics["val/accuracy"] == pytest.approx(accuracy[best], rel=1e-6)
+    objective = {e.step: e.value for e in events.Scalars("train/objective")}
+    assert metrics["train/objective"] == pytest.approx(objective[metrics["step"]], rel=1e-6)
+    assert f"the run ends with the model of step {best}" in train_log(run_dir)
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    kept = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    assert kept["step"] == best and last["step"] == metrics["step"]
+    for name, weights in kept["model"].items():  # last.pt holds the best model's weights
+        assert torch.equal(last["model"][name], weights), name
