@@ -10,6 +10,7 @@ forever for a rank that died or hangs.
 import functools
 import gc
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,22 +81,42 @@ def start(processes: Processes, device: torch.device, timeout_s: float) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    where = meeting_point()
     meeting = {}
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        # torchrun's store outlives a restart of the workers, and the restarted ones would read
-        # the previous attempt's addresses from it (gloo: "connectFullMesh failed ... Connection
-        # refused"): each attempt meets under its own prefix.
-        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
-                              timeout=timeout)
-        attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-        meeting = {"store": dist.PrefixStore(f"largeml/attempt-{attempt}", store),
-                   "rank": processes.rank, "world_size": processes.world_size}
-    with failures("joining the process group"):
+    with failures(f"joining the process group at MASTER_ADDR:MASTER_PORT={where}"):
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's store outlives a restart of the workers, and the restarted ones would
+            # read the previous attempt's addresses from it (gloo: "connectFullMesh failed ...
+            # Connection refused"): each attempt meets under its own prefix.
+            store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                  timeout=timeout)
+            attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+            meeting = {"store": dist.PrefixStore(f"largeml/attempt-{attempt}", store),
+                       "rank": processes.rank, "world_size": processes.world_size}
         dist.init_process_group(
             backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
             **meeting,
         )
+
+
+def meeting_point() -> str:
+    """`MASTER_ADDR:MASTER_PORT`, where rank 0 (or torchrun's agent) listens, once it is known
+    to name a host: a name that does not resolve fails here at once, where the process group
+    would retry it until `trainer.dist_timeout`."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port or not port.isdigit():
+        raise DistributedError(
+            f"MASTER_ADDR={addr} MASTER_PORT={port}: {os.environ.get('WORLD_SIZE')} processes "
+            "need rank 0's host and a port to meet at; torchrun sets them, a cluster engine "
+            "(Ray Train, Spark's TorchDistributor) too, else set both in every process")
+    try:
+        socket.getaddrinfo(addr, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise DistributedError(
+            f"MASTER_ADDR:MASTER_PORT={addr}:{port}: {addr!r} does not resolve ({err}); set "
+            "MASTER_ADDR to rank 0's host name or address") from None
+    return f"{addr}:{port}"
 
 
 def stop() -> None:

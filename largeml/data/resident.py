@@ -57,7 +57,8 @@ class ResidentStream(IterableDataset):
         row = 0
         for shard, lo, hi in stream.pieces(0, stream.n_rows):
             for kind, out in (("x", x), ("y", y)):
-                piece = np.load(index.path(index.shards[shard], kind), mmap_mode="r")[lo:hi]
+                path = index.checked_path(index.shards[shard], kind)  # size, CRC-32: once
+                piece = np.load(path, mmap_mode="r")[lo:hi]
                 out[row:row + hi - lo] = torch.from_numpy(np.array(piece))
             row += hi - lo
         self.x, self.y = x, (y if stream.label_map is None else stream.label_map(y))

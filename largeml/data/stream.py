@@ -223,7 +223,8 @@ class _Files:
     def get(self, shard: int, kind: str) -> tuple[int, int]:
         key = (shard, kind)
         if key not in self.open:
-            path = self.index.path(self.index.shards[shard], kind)
+            # Size and CRC-32 checked against the index before the first read of the file.
+            path = self.index.checked_path(self.index.shards[shard], kind)
             self.open[key] = (os.open(path, os.O_RDONLY), data_offset(path))
         return self.open[key]
 
@@ -322,8 +323,9 @@ class _SparseReader:
             row, at = row + hi - lo, at + n
         # int32 row pointers to match the int32 column indices (a batch holds < 2^31 non-zeros).
         crow, y = torch.from_numpy(crow.astype(np.int32)), torch.from_numpy(y)
-        # Indices were range-checked when the shards were written; re-checking every batch
-        # would cost a pass over it. PyTorch warns that CSR support is "beta" at each build.
+        # Indices were range-checked when the shards were written, and the files' checksums
+        # when first read (so a damaged byte is not an index); re-checking every batch would
+        # cost a pass over it. PyTorch warns that CSR support is "beta" at each build.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
             x = torch.sparse_csr_tensor(crow, torch.from_numpy(indices), torch.from_numpy(values),
