@@ -12,18 +12,17 @@ directory.
 import logging
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from largeml.cli import CONFIG_DIR, exit_2_on_error
+from largeml.data import shards
 from largeml.data.convert import convert
 from largeml.data.shards import ShardIndex
-from largeml.errors import ConfigError, LargemlError
+from largeml.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def run(cfg: DictConfig) -> tuple[ShardIndex, float]:
@@ -31,7 +30,7 @@ def run(cfg: DictConfig) -> tuple[ShardIndex, float]:
     for key in ("input", "output"):
         if OmegaConf.is_missing(cfg, key) or cfg[key] in (None, ""):
             raise ConfigError(f"{key} is required: python -m largeml.prepare input=PATH "
-                              "output=DIR [format=auto|libsvm|csv|npy] ...")
+                              "output=DIR [format=auto|libsvm|csv|npy|parquet] ...")
     if not isinstance(cfg.shard_mb, int | float) or cfg.shard_mb <= 0:
         raise ConfigError(f"shard_mb must be a positive number of MiB, got {cfg.shard_mb!r}")
     start = time.perf_counter()
@@ -45,6 +44,8 @@ def run(cfg: DictConfig) -> tuple[ShardIndex, float]:
         label_column=cfg.label_column,
         shard_bytes=max(1, int(cfg.shard_mb * 2**20)),
         hash_bits=cfg.hash_bits,
+        feature_columns=cfg.get("feature_columns"),
+        categorical_columns=cfg.get("categorical_columns"),
     )
     return index, time.perf_counter() - start
 
@@ -63,13 +64,28 @@ def summary(index: ShardIndex, seconds: float, input_bytes: int) -> str:
     )
 
 
+def verify_dataset(root: str) -> int:
+    """`verify=DIR`: checks every file of a prepared dataset against its index; prints `ok`
+    or each damaged file; the exit code (2 on damage)."""
+    index, damaged = shards.verify(root)
+    files = sum(len(shard.files) for shard in index.shards)
+    if not damaged:
+        print(f"ok: {index.root}: {files} files of {len(index.shards)} shards, {index.rows:,} "
+              f"rows: sizes and CRC-32 as in {shards.INDEX}")
+        return 0
+    for line in damaged:
+        print(f"damaged: {line}")
+    print(f"{len(damaged)} of {files} files in {index.root} are damaged: "
+          f"{shards.remedy(index.root, index.source)}")
+    return 2
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_2_on_error(log):
+        if cfg.get("verify") is not None:
+            sys.exit(verify_dataset(str(cfg.verify)))
         index, seconds = run(cfg)
-    except LargemlError as err:
-        log.error("%s", err)
-        sys.exit(2)
     print(summary(index, seconds, index.source["bytes"]))
 
 

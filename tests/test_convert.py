@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from largeml.data import convert as convert_module
 from largeml.data import shards
 from largeml.data.convert import cached, convert
-from largeml.data.libsvm import read_libsvm
+from largeml.data.formats import common
+from largeml.data.formats.libsvm import parse_line, read_libsvm
 from largeml.data.shards import ShardIndex, open_shards
 from largeml.errors import ConfigError, DataError
 from largeml.labels import Classes
@@ -75,7 +75,7 @@ def read_csr(index: ShardIndex) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Reads text 64 bytes at a time, so a small file spans many chunks."""
-    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 64)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 64)
 
 
 LIBSVM = """# a comment line
@@ -91,6 +91,7 @@ LIBSVM_X = [[0.5, 0, 2, 0, 0], [0, -1.5, 0, 0, 0], [0, 0, 0, 0, 0], [0, 0, 0, 0,
 LIBSVM_Y = [1, 0, 1, 0, 1]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
 def test_libsvm_round_trip_sparse(tmp_path, request, chunked):
     if chunked:
@@ -109,6 +110,7 @@ def test_libsvm_round_trip_sparse(tmp_path, request, chunked):
     open_shards(tmp_path / "out", verify=True)
 
 
+@pytest.mark.unit
 def test_libsvm_dense_layout_has_n_features_columns(tmp_path):
     path = _write(tmp_path / "a.svm", LIBSVM)
     index = convert(path, tmp_path / "out", layout="dense", n_features=7, shard_bytes=64)
@@ -120,10 +122,11 @@ def test_libsvm_dense_layout_has_n_features_columns(tmp_path):
     np.testing.assert_array_equal(y, LIBSVM_Y)
 
 
-def test_libsvm_values_are_bit_identical_to_read_libsvm(tmp_path, monkeypatch):
+@pytest.mark.unit
+def test_libsvm_values_are_bit_identical_to_float(tmp_path, monkeypatch):
     """The vectorised number parser against Python's float(), through many chunks, on every
     way a number can be written."""
-    monkeypatch.setattr(convert_module, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(common, "CHUNK_BYTES", 4096)
     rng = np.random.default_rng(0)
     forms = [
         lambda v: f"{v:.6g}", lambda v: repr(v), lambda v: f"{v:.3e}", lambda v: f"{v:.20f}",
@@ -144,12 +147,17 @@ def test_libsvm_values_are_bit_identical_to_read_libsvm(tmp_path, monkeypatch):
             lines.append(f"+1 +{index[0] if k else 3}:2")  # int() takes +3: the slow path
     path = _write(tmp_path / "many.svm", "\n".join(lines) + "\n")
     index = convert(path, tmp_path / "out", shard_bytes=16 << 10)
-    expected = read_libsvm(path)
+    parsed = [parse_line(line, "here", None) for line in lines]  # float() on each token
+    expected_indices = np.concatenate([p[2] for p in parsed]).astype(np.int32)
+    expected_values = np.concatenate([p[3] for p in parsed]).astype(np.float32)
     indptr, indices, values, y = read_csr(index)
-    np.testing.assert_array_equal(indptr, expected.indptr)
-    np.testing.assert_array_equal(indices, expected.indices)
-    np.testing.assert_array_equal(values.view(np.int32), expected.values.view(np.int32))
-    np.testing.assert_array_equal(y, expected.labels > 0)
+    np.testing.assert_array_equal(indptr, np.cumsum([0] + [len(p[2]) for p in parsed]))
+    np.testing.assert_array_equal(indices, expected_indices)
+    np.testing.assert_array_equal(values.view(np.int32), expected_values.view(np.int32))
+    np.testing.assert_array_equal(y, [p[1] > 0 for p in parsed])
+    whole = read_libsvm(path)  # the in-memory reader: the same parser
+    np.testing.assert_array_equal(whole.values.view(np.int32), expected_values.view(np.int32))
+    np.testing.assert_array_equal(whole.indptr, indptr)
 
 
 NUMBERS = ["0", "-0", "+7", "1.", ".5", "-.5", "1e5", "1E-3", "1.5e+02", "00012", "-1.25e-7",
@@ -159,8 +167,9 @@ NUMBERS = ["0", "-0", "+7", "1.", ".5", "-.5", "1e5", "1E-3", "1.5e+02", "00012"
            "1e+", "1.2.3", "1e5e3", "+-1", "1-", "1e5.0", "0x10", "1 2", "\x001", "abc"]
 
 
+@pytest.mark.unit
 def test_number_parser_matches_float_exactly():
-    """What `_parse_numbers` marks exact is float()'s float64, bit for bit; the rest (which
+    """What `parse_numbers` marks exact is float()'s float64, bit for bit; the rest (which
     the caller hands to float()) are never numbers it could have got wrong."""
     rng = np.random.default_rng(2)
     randoms = [f"{v:.{p}g}" for v, p in zip(rng.standard_normal(2000) * 10.0 ** rng.integers(
@@ -169,7 +178,7 @@ def test_number_parser_matches_float_exactly():
     data = b" ".join(t.encode() for t in texts)
     ends = np.cumsum([len(t) + 1 for t in texts]) - 1
     starts = ends - [len(t) for t in texts]
-    values, exact = convert_module._parse_numbers(convert_module._padded(data), starts, ends)
+    values, exact = common.parse_numbers(common.padded(data), starts, ends)
     for text, value, is_exact in zip(texts, values, exact, strict=True):
         if is_exact:
             assert float(text) == value and np.signbit(float(text)) == np.signbit(value), text
@@ -179,6 +188,7 @@ def test_number_parser_matches_float_exactly():
     assert exact[[NUMBERS.index(t) for t in ("4e22", "1e-22", "123456789012345", "-0")]].all()
 
 
+@pytest.mark.unit
 def test_gzip_text_is_decompressed(tmp_path):
     with gzip.open(tmp_path / "a.svm.gz", "wt") as f:
         f.write(LIBSVM)
@@ -193,6 +203,7 @@ def test_gzip_text_is_decompressed(tmp_path):
     np.testing.assert_array_equal(y, [1, 0])
 
 
+@pytest.mark.unit
 def test_truncated_gzip_names_the_file(tmp_path):
     data = gzip.compress(LIBSVM.encode() * 50)
     path = tmp_path / "cut.svm.gz"
@@ -203,6 +214,7 @@ def test_truncated_gzip_names_the_file(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
 def test_csv_round_trip(tmp_path, request, chunked):
     if chunked:
@@ -219,6 +231,7 @@ def test_csv_round_trip(tmp_path, request, chunked):
     np.testing.assert_array_equal(y, [0, 1, 1, 0])
 
 
+@pytest.mark.unit
 def test_csv_label_column_by_position_and_explicit_format(tmp_path):
     path = _write(tmp_path / "d.txt", "y,f1,f2\n0,1,2\n1,3,4\n")
     x, y = read_back(convert(path, tmp_path / "out", format="csv", label_column=0))
@@ -226,6 +239,7 @@ def test_csv_label_column_by_position_and_explicit_format(tmp_path):
     np.testing.assert_array_equal(y, [0, 1])
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
 @pytest.mark.parametrize("text, expected", [
     ("a,b,label\n1,2,5\n\n3,4,-7.5\n", [[1, 2, 5], [3, 4, -7.5]]),  # "label" is a feature
@@ -242,14 +256,16 @@ def test_csv_without_labels(tmp_path, request, chunked, text, expected):
     np.testing.assert_array_equal(y, np.zeros(len(expected)))
 
 
+@pytest.mark.unit
 def test_csv_without_labels_still_names_a_bad_value(tmp_path):
     path = _write(tmp_path / "d.csv", "a,b\n1,2\n3,x\n")
     with pytest.raises(DataError, match=r"d\.csv:3: column 'b': value 'x' is not a number"):
         convert(path, tmp_path / "out", label_column=None)
 
 
+@pytest.mark.unit
 def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
-    monkeypatch.setattr(convert_module, "DENSE_BLOCK_BYTES", 200)  # a few rows per read
+    monkeypatch.setattr(common, "DENSE_BLOCK_BYTES", 200)  # a few rows per read
     rng = np.random.default_rng(1)
     features = rng.standard_normal((101, 6))
     labels = np.where(rng.random(101) < 0.3, -1, 1)
@@ -268,6 +284,7 @@ def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- errors
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "bad_line, token, n_features",
     [
@@ -302,6 +319,7 @@ def test_libsvm_error_names_file_line_and_token(tmp_path, request, bad_line, tok
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-chunk", "many-chunks"])
 def test_labels_are_kept_as_written_and_counted(tmp_path, request, chunked):
     # -1, 0 and 1 in one file are three classes (before multiclass they were an error); the
@@ -316,6 +334,7 @@ def test_labels_are_kept_as_written_and_counted(tmp_path, request, chunked):
     assert y.tolist() == [2.0] * 8 + [0.0] + [2.0] * 8 + [1.0, 3.0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "text, where, column, token",
     [
@@ -337,6 +356,7 @@ def test_csv_error_names_file_line_and_column(tmp_path, text, where, column, tok
         assert f"column {column}" in message
 
 
+@pytest.mark.unit
 def test_csv_label_column_not_in_header(tmp_path):
     path = _write(tmp_path / "d.csv", "a,b\n1,0\n")
     with pytest.raises(DataError, match="label_column 'target'") as err:
@@ -344,6 +364,7 @@ def test_csv_label_column_not_in_header(tmp_path):
     assert str(path) in str(err.value) and "['a', 'b']" in str(err.value)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "name, text",
     [("only-comments.svm", "# nothing\n\n"), ("empty.svm", ""), ("empty.csv", ""),
@@ -358,6 +379,7 @@ def test_empty_input_names_the_file(tmp_path, name, text):
     assert not list(tmp_path.glob(".out.partial-*"))
 
 
+@pytest.mark.unit
 def test_npy_errors_name_the_files(tmp_path):
     np.save(tmp_path / "x.npy", np.ones((5, 2)))
     np.save(tmp_path / "y4.npy", np.ones(4))
@@ -385,11 +407,12 @@ def test_npy_errors_name_the_files(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "options, key",
     [
         ({"layout": "dense"}, "n_features"),
-        ({"format": "parquet"}, "format"),
+        ({"format": "xlsx"}, "format"),
         ({"layout": "columnar"}, "layout"),
         ({"n_features": 0}, "n_features"),
         ({"labels": "y.npy"}, "labels"),
@@ -401,6 +424,7 @@ def test_bad_options_name_the_key(tmp_path, options, key):
         convert(path, tmp_path / "out", **options)
 
 
+@pytest.mark.unit
 def test_missing_input_names_the_file(tmp_path):
     with pytest.raises(DataError, match="no such file") as err:
         convert(tmp_path / "nope.svm", tmp_path / "out")
@@ -410,6 +434,7 @@ def test_missing_input_names_the_file(tmp_path):
 # ----------------------------------------------------------------------------- failures
 
 
+@pytest.mark.unit
 def test_failure_after_flushed_shards_leaves_nothing(tmp_path, monkeypatch, small_chunks):
     flushed = []
     flush = shards.ShardWriter._flush
@@ -440,6 +465,7 @@ convert(sys.argv[1], sys.argv[2], shard_bytes=2048)
 """
 
 
+@pytest.mark.e2e
 def test_killed_conversion_leaves_no_dataset_and_the_next_one_clears_it(tmp_path, caplog):
     good = "".join(f"{i % 2} 1:{i} 3:0.25 9:-1\n" for i in range(20000))
     path = _write(tmp_path / "big.svm", good)
@@ -496,6 +522,7 @@ def live_partials(parent: Path, name: str) -> Iterator[tuple[Path, Path]]:
         sleeper.wait()
 
 
+@pytest.mark.e2e
 def test_cached_removes_partials_of_dead_conversions_of_any_input(tmp_path, caplog):
     cache = tmp_path / "cache"
     cache.mkdir()
@@ -520,11 +547,12 @@ def test_cached_removes_partials_of_dead_conversions_of_any_input(tmp_path, capl
     np.testing.assert_array_equal(read_back(index)[0], np.array(LIBSVM_X, dtype=np.float32))
 
 
+@pytest.mark.unit
 def test_cached_converts_once(tmp_path, caplog):
     path = tmp_path / "a.svm.gz"
     path.write_bytes(gzip.compress(LIBSVM.encode()))
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="largeml.data.convert"):
+    with caplog.at_level(logging.INFO, logger="largeml.data.cache"):
         first = cached(path, cache)
         stamp = (first.root / shards.INDEX).stat().st_mtime_ns
         second = cached(path, cache)
@@ -544,6 +572,7 @@ def test_cached_converts_once(tmp_path, caplog):
     assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 3
 
 
+@pytest.mark.e2e
 def test_processes_converting_the_same_file_take_turns(tmp_path):
     """The ranks of a distributed run all ask for the same raw file at once: one converts, the
     others wait for it and reuse its cache (no race on the cache directory)."""
@@ -562,17 +591,19 @@ def test_processes_converting_the_same_file_take_turns(tmp_path):
     assert len(roots) == 1
 
 
+@pytest.mark.unit
 def test_cached_reconverts_a_damaged_cache(tmp_path, caplog):
     path = _write(tmp_path / "a.svm", LIBSVM)
     index = cached(path, tmp_path / "cache")
     index.path(index.shards[0], "values").unlink()
-    with caplog.at_level(logging.WARNING, logger="largeml.data.convert"):
+    with caplog.at_level(logging.WARNING, logger="largeml.data.cache"):
         again = cached(path, tmp_path / "cache")
     assert "damaged" in caplog.text
     assert again.root == index.root
     open_shards(again.root, verify=True)
 
 
+@pytest.mark.unit
 def test_one_corrupt_byte_fails_verify_naming_the_file(tmp_path):
     index = convert(_write(tmp_path / "a.svm", LIBSVM), tmp_path / "out")
     victim = index.path(index.shards[0], "values")
@@ -585,6 +616,7 @@ def test_one_corrupt_byte_fails_verify_naming_the_file(tmp_path):
     assert str(victim) in str(err.value)
 
 
+@pytest.mark.unit
 def test_truncated_shard_fails_open_naming_the_file(tmp_path):
     index = convert(_write(tmp_path / "a.svm", LIBSVM), tmp_path / "out")
     victim = index.path(index.shards[0], "indices")

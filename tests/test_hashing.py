@@ -15,8 +15,8 @@ from conftest import REPO
 from omegaconf import OmegaConf
 
 from largeml import device
-from largeml.data import convert as convert_module
 from largeml.data import hashing
+from largeml.data.formats import libsvm as libsvm_format
 from largeml.data.convert import convert
 from largeml.data.shards import open_shards
 from largeml.data.sources import BYTES_PER_FEATURE, files
@@ -68,6 +68,7 @@ def as_rows(index) -> list[dict[int, float]]:
             for a, b in zip(indptr[:-1], indptr[1:], strict=True)]
 
 
+@pytest.mark.unit
 def test_hash_is_splitmix64_in_range_signed_and_deterministic():
     # splitmix64's first output from state 0 (the published reference value)
     assert hashing.splitmix64(np.array([0]))[0] == 0xE220A8397B1DCDAF
@@ -85,6 +86,7 @@ def test_hash_is_splitmix64_in_range_signed_and_deterministic():
     assert all(len(np.unique(signs[columns == c])) == 2 for c in range(256))
 
 
+@pytest.mark.unit
 def test_a_rows_entries_in_one_column_are_summed_with_their_signs():
     columns, signs = hashing.signed_columns(np.arange(1, 100), 2)  # of 0-based indices 0..98
     same = np.flatnonzero(columns == columns[0])
@@ -100,12 +102,13 @@ def test_a_rows_entries_in_one_column_are_summed_with_their_signs():
     assert vals.tolist() == [signs[a] * 1.0 + signs[b] * 2.0, signs[other] * 4.0]
 
 
+@pytest.mark.unit
 def test_fast_and_slow_parse_paths_hash_the_same(tmp_path, monkeypatch):
     """Ten-digit ids parse on the fast path; a `+id` (which int() takes) sends a chunk to the
     slow one. Both give what the formula gives by hand, in 2^N columns."""
     slow_calls = []
-    slow = convert_module._libsvm_slow
-    monkeypatch.setattr(convert_module, "_libsvm_slow",
+    slow = libsvm_format.parse_slow
+    monkeypatch.setattr(libsvm_format, "parse_slow",
                         lambda *a: slow_calls.append(1) or slow(*a))
     fast_file = write_wide_libsvm(tmp_path / "fast.svm")
     text = fast_file.read_text().splitlines()
@@ -130,6 +133,7 @@ def test_fast_and_slow_parse_paths_hash_the_same(tmp_path, monkeypatch):
     assert indices.max() < 1024
 
 
+@pytest.mark.unit
 def test_hash_bits_is_part_of_the_cache_key(tmp_path):
     path = write_wide_libsvm(tmp_path / "a.svm", rows=20)
     for bits in (8, 9):
@@ -138,6 +142,7 @@ def test_hash_bits_is_part_of_the_cache_key(tmp_path):
     assert len(list((tmp_path / "c").glob("a-*/index.json"))) == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bits", [0, 32, -1, True, "20", 2.5])
 def test_hash_bits_out_of_range(tmp_path, bits):
     path = write_wide_libsvm(tmp_path / "a.svm", rows=5)
@@ -148,6 +153,7 @@ def test_hash_bits_out_of_range(tmp_path, bits):
     assert not (tmp_path / "c").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.unit
 def test_hash_bits_is_for_sparse_libsvm_only(tmp_path):
     csv = tmp_path / "a.csv"
     csv.write_text("label,f0\n1,0.5\n0,1.5\n")
@@ -163,6 +169,7 @@ def test_hash_bits_is_for_sparse_libsvm_only(tmp_path):
                  hash_bits=12).n_features == 4096
 
 
+@pytest.mark.e2e
 def test_a_prepared_directory_must_match_data_hash_bits(tmp_path):
     svm = write_wide_libsvm(tmp_path / "a.svm", rows=20)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -193,6 +200,7 @@ def train(*args: str, cwd: Path) -> tuple[int, str, int]:
         return process.returncode, out.read(), usage.ru_maxrss * 1024  # KiB on Linux
 
 
+@pytest.mark.e2e
 def test_ids_up_to_two_billion_train_hashed(tmp_path):
     path = write_wide_libsvm(tmp_path / "wide.svm")
     code, output, _ = train(f"hydra.run.dir={tmp_path / 'run'}", "data=libsvm",
@@ -207,6 +215,7 @@ def test_ids_up_to_two_billion_train_hashed(tmp_path):
     assert model["linear.weight"].shape == (1, 1 << 20)
 
 
+@pytest.mark.e2e
 def test_too_wide_for_memory_names_hash_bits_without_allocating(tmp_path):
     if device.available_ram() >= WIDEST * BYTES_PER_FEATURE:
         pytest.skip(f"{device.available_ram() / 2**30:.0f} GiB free: a model of {WIDEST:,} "
@@ -222,6 +231,7 @@ def test_too_wide_for_memory_names_hash_bits_without_allocating(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.unit
 def test_too_wide_names_the_hashed_width(tmp_path, monkeypatch):
     path = write_wide_libsvm(tmp_path / "a.svm", rows=5)
     monkeypatch.setattr(device, "available_ram", lambda: 1 << 26)  # 64 MiB: 2^21 columns fit

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from largeml.data.libsvm import read_libsvm
+from largeml.data.formats.libsvm import read_libsvm
 from largeml.data.sources import libsvm
 from largeml.errors import DataError
+
+pytestmark = pytest.mark.unit
 
 
 def _write(path: Path, text: str) -> Path:

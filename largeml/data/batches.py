@@ -11,8 +11,8 @@ themselves (`eval_share`): every row once, none twice.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -52,13 +52,17 @@ def eval_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 class BatchDataset(Protocol):
-    """What the Trainer needs from a source of batches."""
+    """What the Trainer uses of a source of batches: this rank's (x, y) batches of the current
+    epoch in order (iterated in the training process, or through a DataLoader with
+    `batch_size=None`), how many an epoch has, and `set_epoch` to pick the epoch (its shuffle)
+    and the batch to start at (a resume); `n_rows`, the rows it serves batches from.
+    A source that `DataModule.resident` marks also has `to_device(device)`, called once."""
 
     n_rows: int
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]: ...
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]: ...
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
@@ -138,3 +142,7 @@ class DataModule:
     # The training labels' classes; batches carry class indices (`largeml.labels`).
     classes: Classes = BINARY
     label_counts: dict[str, int] | None = None  # the training rows' labels as written, counted
+    # How the training file's raw rows became columns, as found in it (data=files: the feature
+    # and categorical columns, the hashing): saved in the checkpoint's `data` config, so a new
+    # file is read into the same columns by evaluate and predict.
+    feature_map: dict[str, Any] = field(default_factory=dict)

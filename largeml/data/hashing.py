@@ -1,4 +1,5 @@
-"""The hashing trick for sparse LIBSVM input (`data.hash_bits=N`): feature ids into 2^N columns.
+"""The hashing trick (`data.hash_bits=N`): LIBSVM feature ids, or categorical values, into 2^N
+columns.
 
 Feature id i, the 1-based integer as written in the file, is hashed with splitmix64's output
 function (Steele, Lea and Flood 2014; the `SplittableRandom` mixer), in uint64 arithmetic:
@@ -17,14 +18,21 @@ A row's entries that land in one column are summed into one entry (as FeatureHas
 one that sums to exactly zero is dropped: the shards never hold a column twice in a row, so
 every consumer (the diagonal preconditioner's Σ x², `data.scale=maxabs`'s max |x|) sees the
 hashed feature's value, not its parts.
+
+Categorical columns (`data.categorical_columns`, CSV and Parquet) are hashed by text, not by
+id: value v of column `country` goes to bucket `category_columns("country", [v], N)`, the low N
+bits of BLAKE2b-64 of `country=v`, with value +1 (one-hot; no sign, as an indicator needs
+none), and its column is placed after the numeric columns.
 """
+
+from hashlib import blake2b
 
 import numpy as np
 
-from largeml.data.libsvm import FLOAT32_MAX
 from largeml.errors import ConfigError, DataError
 
 MAX_BITS = 31  # columns are int32
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # values are stored as float32
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
@@ -63,11 +71,18 @@ def hash_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bits:
     n_rows = len(indptr) - 1
     columns, signs = signed_columns(indices.astype(np.int64) + 1, bits)
     rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(indptr))
-    key = (rows << np.int64(32)) | columns  # row-major order, then by column
+    return summed_rows(rows, columns, values.astype(np.float64) * signs, n_rows, where)
+
+
+def summed_rows(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, n_rows: int,
+                where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entries (row, column, value), in any order, as CSR rows: columns sorted within each
+    row, the entries a row has in one column summed into one, and sums of exactly 0 dropped."""
+    key = (rows.astype(np.int64) << np.int64(32)) | columns  # row-major order, then by column
     order = np.argsort(key, kind="stable")
     key = key[order]
     firsts = np.flatnonzero(np.diff(key, prepend=np.int64(-1)) != 0)
-    sums = np.add.reduceat((values.astype(np.float64) * signs)[order], firsts) \
+    sums = np.add.reduceat(np.asarray(values, np.float64)[order], firsts) \
         if len(key) else np.zeros(0)
     if (np.abs(sums) > FLOAT32_MAX).any():
         raise DataError(f"{where}: values that hash into one column of a row sum to "
@@ -77,6 +92,16 @@ def hash_rows(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, bits:
     counts = np.bincount(key >> np.int64(32), minlength=n_rows)
     return (np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             (key & np.int64(0xFFFFFFFF)).astype(np.int32), sums.astype(np.float32))
+
+
+def category_columns(field: str, values: list[str], bits: int) -> np.ndarray:
+    """The bucket in [0, 2^bits) of each value of categorical column `field`: the low `bits`
+    bits of the first 8 bytes (little-endian) of BLAKE2b-64 of the UTF-8 text `field=value`
+    (so `country=FR` and `device=FR` are different features). int64."""
+    mask = (1 << bits) - 1
+    return np.array([int.from_bytes(blake2b(f"{field}={value}".encode(), digest_size=8)
+                                    .digest(), "little") & mask for value in values],
+                    dtype=np.int64)
 
 
 def suggested_bits(distinct: int, available_bytes: int, bytes_per_feature: int) -> int:

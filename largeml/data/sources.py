@@ -15,7 +15,7 @@ from torch import Tensor
 from largeml import device
 from largeml.data import hashing, scaling
 from largeml.data.batches import DataModule, InMemoryBatches, eval_share
-from largeml.data.libsvm import read_libsvm
+from largeml.data.formats.libsvm import read_libsvm
 from largeml.data.resident import ResidentStream
 from largeml.data.shards import ShardIndex, open_shards
 from largeml.data.stream import ShardStream
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 A9A_DIR = Path(__file__).parent / "a9a"
 A9A_FEATURES = 123
 EVAL_BATCH_SIZE = 8192
+# What a prepared index records of how its raw rows became columns (the feature map).
+FEATURE_MAP = ("feature_columns", "categorical_columns", "hash_bits")
 # The least a run holds per feature at once, whatever it trains with: the weight and its
 # gradient (8 bytes), optimizer state (adagrad's sums 4, adam's moments 8, Newton's CG vectors
 # more) and data.scale's fitting buffers (float64 sums and squares, 16). A width that needs more
@@ -218,24 +220,40 @@ def a9a(batch_size: int = 256, seed: int = 0, scale: str = "auto", rank: int = 0
 
 
 def prepared(path: str, key: str, format: str, cache_dir: str, **options) -> ShardIndex:
-    """A prepared directory as it is, or a raw file converted once into `cache_dir`."""
-    if format == "shards" or Path(path).is_dir():
+    """A prepared directory as it is, or a raw file (or a directory of Parquet part files)
+    converted once into `cache_dir`."""
+    if _is_shards(Path(path), format):
         return open_shards(path)
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise DataError(f"{key}: no such file or directory: {path}")
     from largeml.data.convert import cached  # only a raw file needs the converters
 
     return cached(path, Path(cache_dir).expanduser(), format=format, **options)
 
 
+def _is_shards(path: Path, format: str) -> bool:
+    """Whether `path` is (meant as) a prepared shard directory rather than raw input."""
+    if format == "shards":
+        return True
+    if not path.is_dir() or format == "parquet":
+        return False
+    if format != "auto":
+        return True  # a directory is prepared shards, whatever format names
+    from largeml.data.formats.parquet import is_parquet
+
+    return not is_parquet(path)
+
+
 def check_hashing(path: str, key: str, format: str, hash_bits: int | None,
-                  n_features: int | None) -> None:
-    """Before any conversion: `data.hash_bits` is for sparse LIBSVM input only."""
-    if hash_bits is None or format == "shards" or Path(path).is_dir():
+                  n_features: int | None, categorical: bool = False) -> None:
+    """Before any conversion: `data.hash_bits` is for sparse LIBSVM input, or for CSV and
+    Parquet with `data.categorical_columns`."""
+    if hash_bits is None or _is_shards(Path(path), format):
         return  # a prepared directory is checked against its index once open
     from largeml.data.convert import check_hash_bits, resolve_format
 
-    check_hash_bits(hash_bits, resolve_format(Path(path), format), None, n_features, "data.")
+    check_hash_bits(hash_bits, resolve_format(Path(path), format), None, n_features, "data.",
+                    categorical=categorical)
 
 
 def hashed_as(index: ShardIndex, key: str, hash_bits: int | None) -> ShardIndex:
@@ -286,7 +304,9 @@ def files(
     n_features: int | None = None,
     labels: str | None = None,
     val_labels: str | None = None,
-    label_column: str = "label",
+    label_column: str | int = "label",
+    feature_columns: list[str] | None = None,
+    categorical_columns: list[str] | None = None,
     cache_dir: str = "~/.cache/largeml",
     batch_size: int = 1024,
     shuffle_blocks: int = 16,
@@ -300,9 +320,14 @@ def files(
 ) -> DataModule:
     """Streams training (and validation) rows from disk with bounded memory.
 
-    Each path is a prepared shard directory (`python -m largeml.prepare`) or a raw LIBSVM, CSV
-    or `.npy` file, converted on first use into `cache_dir` under a key of the file's identity
-    (path, size, modification time), so later runs start at once.
+    Each path is a prepared shard directory (`python -m largeml.prepare`) or a raw LIBSVM, CSV,
+    `.npy` or Parquet file (or a directory of Parquet part files), converted on first use into
+    `cache_dir` under a key of the file's identity (path, size, modification time) and the
+    options, so later runs start at once.
+
+    CSV and Parquet: `label_column`, `feature_columns` (null: every numeric column but the
+    label and the categorical ones; the validation file's must be the training file's) and
+    `categorical_columns`, hashed one-hot into 2^`hash_bits` buckets (null: 2^18) after them.
 
     With `resident` (dense data), the Trainer loads the rank's rows once onto its device and
     every epoch's batches, the same ones as streamed, are cut there (`ResidentStream`).
@@ -324,10 +349,13 @@ def files(
     hashing.check(hash_bits, "data.hash_bits")
     for key, path in (("data.train_path", train_path), ("data.val_path", val_path)):
         if path is not None:
-            check_hashing(path, key, format, hash_bits, n_features)
+            check_hashing(path, key, format, hash_bits, n_features, bool(categorical_columns))
     options = {"n_features": n_features, "label_column": label_column}
-    if hash_bits is not None:  # only then: the cache keys of unhashed files stay as they were
-        options["hash_bits"] = hash_bits
+    # Only when set: the cache keys of files converted without them stay as they were.
+    for name, value in (("hash_bits", hash_bits), ("feature_columns", feature_columns),
+                        ("categorical_columns", categorical_columns)):
+        if value is not None:
+            options[name] = list(value) if name != "hash_bits" else value
     train = prepared(train_path, "data.train_path", format, cache_dir, labels=labels, **options)
     labelled(hashed_as(train, "data.train_path", hash_bits), "data.train_path")
     fits_in_memory(train, "data.train_path", device.available_ram())
@@ -343,6 +371,12 @@ def files(
             f"data.val_path {val_path} has {val.n_features} features but data.train_path "
             f"{train_path} has {train.n_features}; give both data.n_features, or files of one width"
         )
+    columns = train.source.get("feature_columns")
+    if val is not None and val.source.get("feature_columns", columns) != columns:
+        raise DataError(
+            f"data.val_path {val_path} has the feature columns {val.source['feature_columns']}, "
+            f"but data.train_path {train_path} has {train.source['feature_columns']}: name "
+            "them in data.feature_columns, or give both files the same columns")
     scaling.check(scale, sparse=train.layout == "sparse")
     classes = Classes.of_counts(train.label_counts, f"data.train_path {train_path}")
     if val is not None:
@@ -373,4 +407,5 @@ def files(
                       reader_threads=0 if num_workers or resident else 1, resident=resident,
                       train_eval=train_eval, held_bytes=held_bytes,
                       sparse=train.layout == "sparse", scale=scale, classes=classes,
-                      label_counts=train.label_counts)
+                      label_counts=train.label_counts,
+                      feature_map={k: train.source[k] for k in FEATURE_MAP if k in train.source})
