@@ -1,63 +1,57 @@
-"""`python -m largeml.evaluate checkpoint=PATH data.path=PATH`: a checkpoint's metrics on a
-labelled data set.
+"""`python -m largeml.evaluate checkpoint=PATH data.path=PATH | data=CHOICE`: a checkpoint's
+metrics on a labelled data set.
 
-The keys are in `configs/evaluate.yaml`. The model is rebuilt from the config saved in the
-checkpoint, the data streamed in batches of `batch_size` rows (a shard directory, or a raw file
-converted once into the cache, as `data=files` does), and the metrics printed as JSON and
-written to `output`: `loss` (the training loss, as `val/loss`), `accuracy`, `auc`, `precision`,
-`recall`, `f1`, `log_loss` (logistic models only), `hinge_loss`, `confusion_matrix` ([[tn, fp],
-[fn, tp]]) and `rows`. For more than two classes, `auc` is the one-vs-rest mean, `precision`,
-`recall` and `f1` are macro means, beside `macro_*`, `weighted_*`, `top_5_accuracy`, `classes`
-(the labels as written, in the confusion matrix's order) and the K×K `confusion_matrix`. A
-missing file or a bad option stops with exit code 2.
+The keys are in `configs/evaluate.yaml`. The data is named as training names it: `data.path` (a
+shard directory, or a raw file converted once into the cache with the training run's feature
+map, `largeml.inference.scoring_node`), or a choice of `configs/data/` whose validation rows are
+scored (`data=a9a`: a9a.t; `data=synthetic`: the run's held-out split; `data=files`: its
+`val_path`), with the run's own values for the keys the command line leaves unset. The model is
+rebuilt from the config saved in the checkpoint, the rows scored in batches of `batch_size`, and
+the metrics printed as JSON and written to `output`: `loss` (the training loss, as `val/loss`),
+`accuracy`, `auc`, `precision`, `recall`, `f1`, `log_loss` (logistic models only), `hinge_loss`,
+`confusion_matrix` ([[tn, fp], [fn, tp]]) and `rows`. For more than two classes, `auc` is the
+one-vs-rest mean, `precision`, `recall` and `f1` are macro means, beside `macro_*`,
+`weighted_*`, `top_5_accuracy`, `classes` (the labels as written, in the confusion matrix's
+order) and the K×K `confusion_matrix`. A missing file or a bad option stops with exit code 2.
 """
 
 import json
 import logging
-import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from largeml import metrics
-from largeml.cli import CONFIG_DIR, required
-from largeml.data.shards import ShardIndex
-from largeml.data.sources import labelled, prepared
-from largeml.data.stream import ShardStream
+from largeml.cli import CONFIG_DIR, exit_2_on_error, given, required
 from largeml.device import resolve_device
-from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.errors import ConfigError
 from largeml.files import replace_text
 from largeml.inference import (
+    FILES,
     is_logistic,
     load_model,
     loss_of,
     model_width,
     precision_of,
+    rows_to_score,
     scores_of,
-    stream,
+    scoring_node,
 )
 from largeml.labels import BINARY, Classes
 
 log = logging.getLogger(__name__)
 
-def open_data(data: DictConfig, key: str = "data.path") -> ShardIndex:
-    """The shard index of `data.path`: a prepared directory, or a raw file converted once."""
-    path = str(data.path)
-    if not Path(path).exists():
-        raise DataError(f"{key}: no such file or directory: {path}")
-    if data.label_column is None:
-        raise ConfigError("data.label_column=null means no labels: evaluation needs them; name "
-                          "the CSV's label column (largeml.predict scores unlabelled rows)")
-    options = {"n_features": data.n_features, "label_column": data.label_column,
-               "labels": None if data.labels is None else str(data.labels)}
-    return labelled(prepared(path, key, data.format, data.cache_dir, **options), key)
+USAGE = ("python -m largeml.evaluate checkpoint=PATH data.path=PATH, or a training data choice: "
+         "data=a9a, data=synthetic, data=files [data.val_path=PATH] [output=FILE.json]")
 
 
-def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
+def evaluate(model: nn.Module, config: dict[str, Any], batches: Iterable[tuple[Tensor, Tensor]],
              device: torch.device, classes: Classes = BINARY) -> dict[str, Any]:
     """Every metric over all rows of `batches` (labels as class indices of `classes`)."""
     pairs = list(scores_of(model.to(device), batches, device, precision_of(config)))
@@ -87,12 +81,12 @@ def evaluate(model: nn.Module, config: dict[str, Any], batches: ShardStream,
 
 
 def default_output(checkpoint: str, data_path: str) -> Path:
-    """`eval-<data file name less .gz, .npy, .csv>.json` in the run directory of
-    `.../checkpoints/<file>.pt`, else beside the checkpoint."""
+    """`eval-<data file name less .gz, .npy, .csv>.json` (`eval-a9a.json` for `data=a9a`) in
+    the run directory of `.../checkpoints/<file>.pt`, else beside the checkpoint."""
     where = Path(checkpoint).resolve().parent
     if where.name == "checkpoints":
         where = where.parent
-    name = Path(data_path.rstrip("/")).name.removesuffix(".gz")
+    name = Path(data_path.rstrip("/")).name.removeprefix("data=").removesuffix(".gz")
     for suffix in (".npy", ".csv"):
         name = name.removesuffix(suffix)
     return where / f"eval-{name}.json"
@@ -104,30 +98,36 @@ def write_json(result: dict[str, Any], path: Path) -> None:
     replace_text(path, json.dumps(result, indent=2) + "\n")
 
 
-def run(cfg: DictConfig) -> tuple[dict[str, Any], Path]:
-    """Evaluates as `cfg` says; returns the metrics and the file they were written to."""
-    usage = "python -m largeml.evaluate checkpoint=PATH data.path=PATH [output=FILE.json]"
-    checkpoint = str(required(cfg, "checkpoint", usage))
-    data_path = str(required(cfg, "data.path", usage))
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Path]:
+    """Evaluates as `cfg` says (`overrides`: the command line that composed it, which tells the
+    keys it set from the defaults); returns the metrics and the file they were written to."""
+    checkpoint = str(required(cfg, "checkpoint", USAGE))
+    keys = given(overrides)
+    data = cfg.data
+    if data.get("path") is None and data._target_ == FILES and data.val_path is None \
+            and "data" not in keys:
+        raise ConfigError(f"data.path is required: {USAGE}")
+    if data.get("path") is not None and data._target_ != FILES:
+        raise ConfigError(f"data.path={data.path} names a file to score, and a data choice was "
+                          "given too: use data.path=FILE alone, or the choice's own keys "
+                          "(data=files data.val_path=FILE)")
     device = resolve_device(cfg.device)
     model, config, classes = load_model(checkpoint)
-    index = open_data(cfg.data)
-    batches = stream(index, model_width(model.state_dict()), cfg.batch_size, "data.path",
-                     classes)
-    result = evaluate(model, config, batches, device, classes)
-    output = Path(cfg.output) if cfg.output else default_output(checkpoint, data_path)
+    node = scoring_node(data, config, keys, chosen="data" in keys)
+    scored = rows_to_score(node, model_width(model.state_dict()), cfg.batch_size, classes,
+                           need_labels=True)
+    result = evaluate(model, config, scored.batches, device, classes)
+    output = Path(cfg.output) if cfg.output else default_output(checkpoint, scored.name)
     write_json({**result, "checkpoint": str(Path(checkpoint).resolve()),
-                "data": str(Path(data_path).resolve())}, output)
+                "data": str(Path(scored.name).resolve()) if scored.is_file else scored.name},
+               output)
     return result, output
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
-        result, output = run(cfg)
-    except LargemlError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    with exit_2_on_error(log):
+        result, output = run(cfg, HydraConfig.get().overrides.task)
     print(json.dumps(result))
     log.info("metrics of %s rows written to %s", f"{result['rows']:,}", output)
 

@@ -12,15 +12,14 @@ stops with exit code 2.
 """
 
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from largeml.cli import CONFIG_DIR, required
-from largeml.errors import ConfigError, LargemlError
+from largeml.cli import CONFIG_DIR, exit_2_on_error, required
+from largeml.errors import ConfigError
 from largeml.inference import load_model
 from largeml.labels import Classes
 from largeml.models import Linear
@@ -87,11 +86,8 @@ def run(cfg: DictConfig) -> tuple[int, Path]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_2_on_error(log):
         n_features, output = run(cfg)
-    except LargemlError as err:
-        log.error("%s", err)
-        sys.exit(2)
     print(f"exported {n_features:,} weights and the bias -> {output}")
 
 

@@ -1,47 +1,59 @@
-"""`python -m largeml.predict checkpoint=PATH input=PATH output=FILE.csv|FILE.npy`: one
+"""`python -m largeml.predict checkpoint=PATH input=PATH|data=CHOICE output=FILE.csv|FILE.npy`: one
 prediction per input row, in the input's order.
 
-The keys are in `configs/predict.yaml`. Per row: `score` (the model's output), `probability`
-(sigmoid of the score, for models trained with `loss=bce` only) and `label` (the second class
-if score > 0, else the first: 1 or 0 for data labelled 0/1, +1 or -1 for -1/+1). For a model of
-K > 2 classes: `score_<label>` for each class, `probability_<label>` (the softmax, loss=bce
-only) and `label`, the class of the highest score. Labels are spelled as the training data
-spelled them (numbers, or a CSV's strings). The input is read and the output written
-`batch_size` rows at a time, so memory is one batch whatever the file's size. A `.npy` input
-is read in place (memory-mapped) and needs no labels, nor does a CSV without a `label` column;
-shard directories and LIBSVM / CSV files go through the same conversion cache as `data=files`.
-A missing file or a bad option stops with exit code 2.
+The keys are in `configs/predict.yaml`. The rows are `input` (a file or shard directory,
+converted with the training run's feature map: `largeml.inference.feature_map_keys`), or the
+validation rows of a choice of `configs/data/` as evaluate reads them (`data=a9a`: a9a.t,
+`data=files`: the run's `val_path` or `data.val_path=PATH`). Per row: `score` (the model's
+output), `probability` (sigmoid of the score, for models trained with `loss=bce` only) and
+`label` (the second class if score > 0, else the first: 1 or 0 for data labelled 0/1, +1 or -1
+for -1/+1). For a model of K > 2 classes: `score_<label>` for each class, `probability_<label>`
+(the softmax, loss=bce only) and `label`, the class of the highest score. Labels are spelled as
+the training data spelled them (numbers, or a CSV's strings). The input is read and the output
+written `batch_size` rows at a time, so memory is one batch whatever the file's size. A `.npy`
+input is read in place (memory-mapped) and needs no labels, nor does a CSV or Parquet file
+without the training run's label column; shard directories and LIBSVM / CSV / Parquet files go
+through the same conversion cache as `data=files`. A missing file or a bad option stops with
+exit code 2.
 """
 
 import logging
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from largeml.cli import CONFIG_DIR, required
+from largeml.cli import CONFIG_DIR, exit_2_on_error, given, required
 from largeml.data.convert import csv_header, resolve_format
 from largeml.data.sources import prepared
 from largeml.device import resolve_device
-from largeml.errors import ConfigError, DataError, LargemlError
+from largeml.errors import ConfigError, DataError
 from largeml.inference import (
+    conversion_options,
+    feature_map_keys,
     is_logistic,
     load_model,
     model_width,
     precision_of,
+    rows_to_score,
     score,
     scores_of,
+    scoring_node,
     stream,
 )
 from largeml.labels import BINARY, Classes
 
 log = logging.getLogger(__name__)
+
+USAGE = ("python -m largeml.predict checkpoint=PATH input=PATH output=FILE.csv|FILE.npy, or "
+         "data=CHOICE (the validation rows of data=a9a, data=files data.val_path=PATH, ...) "
+         "instead of input")
 
 
 def npy_batches(path: Path, width: int, batch_size: int) -> tuple[int, Iterator[Tensor]]:
@@ -63,9 +75,11 @@ def npy_batches(path: Path, width: int, batch_size: int) -> tuple[int, Iterator[
 
 
 def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
-                 precision: str = "32") -> tuple[int, Iterator[Tensor]]:
-    """The number of input rows and the model's scores, batch by batch, in row order, computed
-    in `precision` (the training run's)."""
+                 precision: str = "32", trained: Mapping[str, Any] | None = None,
+                 ) -> tuple[int, Iterator[Tensor]]:
+    """The number of rows of `cfg.input` and the model's scores, batch by batch, in row order,
+    computed in `precision` (the training run's). A raw file is converted with the feature map
+    of `trained` (the training config), with `cfg`'s `n_features` and `label_column` over it."""
     path = Path(str(cfg.input))
     width = model_width(model.state_dict())
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
@@ -75,14 +89,47 @@ def input_scores(cfg: DictConfig, model: nn.Module, device: torch.device,
     if path.is_file() and resolve_format(path, cfg.format) == "npy":
         rows, batches = npy_batches(path, width, cfg.batch_size)
         return rows, (score(model, x, device, precision) for x in batches)
-    label_column = cfg.label_column
-    if label_column == "auto":  # a file to score often has no labels
-        csv = path.is_file() and resolve_format(path, cfg.format) == "csv"
-        label_column = "label" if csv and "label" in csv_header(path) else None
+    run_data = (trained or {}).get("data", {})
+    node = {k: v for k, v in run_data.items() if k in feature_map_keys()}
+    if cfg.n_features is not None:
+        node["n_features"] = cfg.n_features
+    node["label_column"] = cfg.label_column
+    if cfg.label_column == "auto":  # a file to score often has no labels
+        name = run_data.get("label_column", "label")
+        node["label_column"] = name if name in column_names(path, cfg.format) else None
     index = prepared(str(path), "input", cfg.format, cfg.cache_dir, labels=None,
-                      n_features=cfg.n_features, label_column=label_column)
+                     **conversion_options(node))
     shards = stream(index, width, cfg.batch_size, "input")
     return index.rows, (s for s, _ in scores_of(model, shards, device, precision))
+
+
+def column_names(path: Path, format: str) -> list[str]:
+    """The columns of a CSV (its header) or Parquet file (of a directory of parts, the
+    first's); none for other inputs."""
+    if path.is_dir() and format in ("auto", "shards") and (path / "index.json").exists():
+        return []
+    fmt = resolve_format(path, format)
+    if fmt == "csv":
+        return csv_header(path)
+    if fmt == "parquet":
+        import pyarrow.parquet  # only for Parquet input
+
+        from largeml.data.formats.parquet import part_files
+
+        parts = part_files(path)
+        return pyarrow.parquet.read_schema(parts[0]).names if parts else []
+    return []
+
+
+def data_scores(cfg: DictConfig, overrides: Sequence[str], model: nn.Module,
+                trained: dict[str, Any], device: torch.device,
+                precision: str) -> tuple[int, Iterator[Tensor]]:
+    """The validation rows of `cfg.data`, a data choice, and their scores, as evaluate reads
+    them (`largeml.inference.rows_to_score`); labels, where there are, are not used."""
+    node = scoring_node(cfg.data, trained, given(overrides), chosen=True)
+    scored = rows_to_score(node, model_width(model.state_dict()), cfg.batch_size, None,
+                           need_labels=False)
+    return scored.rows, (s for s, _ in scores_of(model, scored.batches, device, precision))
 
 
 def columns(scores: Tensor, logistic: bool, classes: Classes = BINARY) -> dict[str, np.ndarray]:
@@ -126,18 +173,28 @@ def csv_rows(values: dict[str, np.ndarray], names: list[str]) -> tuple[np.ndarra
     return table, formats
 
 
-def run(cfg: DictConfig) -> tuple[int, Path]:
-    """Predicts as `cfg` says; returns the number of rows written and the output file."""
-    usage = "python -m largeml.predict checkpoint=PATH input=PATH output=FILE.csv|FILE.npy"
-    checkpoint = str(required(cfg, "checkpoint", usage))
-    required(cfg, "input", usage)
-    output = Path(str(required(cfg, "output", usage)))
+def run(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[int, Path]:
+    """Predicts as `cfg` says (`overrides`: the command line that composed it, which tells the
+    `data.*` keys it set); returns the number of rows written and the output file."""
+    checkpoint = str(required(cfg, "checkpoint", USAGE))
+    from_data = cfg.get("data") is not None
+    if from_data and cfg.input is not None:
+        raise ConfigError(f"input={cfg.input} and data={cfg.data._target_.rsplit('.', 1)[-1]} "
+                          "both name rows to predict: give one of them")
+    if not from_data:
+        required(cfg, "input", USAGE)
+    output = Path(str(required(cfg, "output", USAGE)))
     if output.suffix not in (".csv", ".npy"):
         raise ConfigError(f"output={output} must end in .csv or .npy")
     device = resolve_device(cfg.device)
     model, config, classes = load_model(checkpoint)
     logistic = wants_probability(cfg.probability, config)
-    rows, batches = input_scores(cfg, model.to(device), device, precision_of(config))
+    if from_data:
+        rows, batches = data_scores(cfg, overrides, model.to(device), config, device,
+                                    precision_of(config))
+    else:
+        rows, batches = input_scores(cfg, model.to(device), device, precision_of(config),
+                                     config)
     names = list(columns(torch.zeros((1, classes.k) if classes.n_outputs > 1 else 1), logistic,
                          classes))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -179,11 +236,8 @@ def wants_probability(probability: Any, config: dict[str, Any]) -> bool:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
-    try:
-        rows, output = run(cfg)
-    except LargemlError as err:
-        log.error("%s", err)
-        sys.exit(2)
+    with exit_2_on_error(log):
+        rows, output = run(cfg, HydraConfig.get().overrides.task)
     print(f"predicted {rows:,} rows -> {output}")
 
 

@@ -97,6 +97,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     l1 = float(cfg.regularization.get("l1") or 0.0)
 
     config = OmegaConf.to_container(cfg, resolve=True)
+    # The columns as found in the training file (not the null that asked for "all numeric
+    # ones"): the checkpoint then reads a new file into the same columns.
+    config["data"].update(data.feature_map)
     run_dir.mkdir(parents=True, exist_ok=True)
     if processes.main:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)

@@ -39,21 +39,25 @@ LABELS = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
 # label 1, predicted 0: rows 2, 5 (fn 2); label 0, predicted 0: row 3 (tn 1)
 
 
+@pytest.mark.unit
 def test_confusion_matrix_by_hand() -> None:
     assert confusion_matrix(SCORES, LABELS) == [[1, 1], [2, 2]]
 
 
+@pytest.mark.unit
 def test_precision_recall_f1_by_hand() -> None:
     assert precision(SCORES, LABELS) == pytest.approx(2 / 3)
     assert recall(SCORES, LABELS) == pytest.approx(2 / 4)
     assert f1(SCORES, LABELS) == pytest.approx(2 * (2 / 3) * (1 / 2) / (2 / 3 + 1 / 2))
 
 
+@pytest.mark.unit
 def test_precision_recall_f1_without_positives_are_zero() -> None:
     scores, labels = torch.tensor([-1.0, -2.0]), torch.tensor([0.0, 0.0])
     assert (precision(scores, labels), recall(scores, labels), f1(scores, labels)) == (0, 0, 0)
 
 
+@pytest.mark.unit
 def test_log_loss_by_hand() -> None:
     # -log σ(s) for label 1, -log(1 - σ(s)) = -log σ(-s) for label 0
     signed = torch.where(LABELS == 1, SCORES, -SCORES).double()
@@ -64,11 +68,13 @@ def test_log_loss_by_hand() -> None:
     assert log_loss(torch.tensor([-200.0]), torch.tensor([1.0])) == pytest.approx(200.0)
 
 
+@pytest.mark.unit
 def test_hinge_loss_by_hand() -> None:
     # t·s = 2, -0.5, -1, 0.5, 1, 0 -> max(0, 1 - t·s) = 0, 1.5, 2, 0.5, 0, 1
     assert hinge_loss(SCORES, LABELS) == pytest.approx(5.0 / 6)
 
 
+@pytest.mark.unit
 def test_metrics_agree_with_sklearn() -> None:
     sk = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
@@ -103,6 +109,7 @@ def train(tmp_path: Path, shards: Path, *overrides: str) -> Path:
     return run_dir
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("overrides, logistic", [
     ([], True), (["model=svm"], False), (["model=mlp", "optimizer=adam"], True),
     (["model=mlp", "optimizer=adam", "trainer.precision=bf16"], True),  # scored in bf16 again
@@ -137,6 +144,7 @@ def test_evaluate_reproduces_the_validation_metrics(tmp_path, shards, overrides,
         assert written["hinge_loss"] == pytest.approx(written["loss"], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_evaluate_a9a_raw_libsvm_file(tmp_path):
     """A raw, gzipped LIBSVM file one feature narrower than the model (a9a.t lacks feature
     123), converted into the cache, gives the metrics the in-memory a9a run validated with."""
@@ -166,6 +174,7 @@ def compose_entry(name: str, *overrides: str):
         return compose(name, overrides=list(overrides))
 
 
+@pytest.mark.e2e
 def test_evaluate_missing_checkpoint_exits_2_naming_the_key(tmp_path, shards):
     result = run_module("evaluate", f"checkpoint={tmp_path}/missing.pt", f"data.path={shards}",
                         cwd=tmp_path)
@@ -174,6 +183,7 @@ def test_evaluate_missing_checkpoint_exits_2_naming_the_key(tmp_path, shards):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, message", [
     (["checkpoint={checkpoint}", "data.path={tmp}/missing.svm"],
      "data.path: no such file or directory"),
@@ -188,6 +198,7 @@ def test_evaluate_bad_arguments_name_the_key(tmp_path, shards, checkpoint, args,
         evaluate.run(cfg)
 
 
+@pytest.mark.e2e
 def test_evaluate_rejects_labels_outside_the_training_classes(tmp_path, checkpoint):
     data = tmp_path / "multi.csv"
     rows = np.random.default_rng(0).normal(size=(5, 12))
@@ -201,6 +212,7 @@ def test_evaluate_rejects_labels_outside_the_training_classes(tmp_path, checkpoi
     assert f"data.path {data}: label 2 is not one of the training classes (0, 1)" in result.stdout
 
 
+@pytest.mark.e2e
 def test_evaluate_rejects_data_of_another_width(tmp_path, checkpoint):
     narrow = write_dense_shards(tmp_path / "narrow", rows=50, features=5)
     result = run_module("evaluate", f"checkpoint={checkpoint}", f"data.path={narrow}",

@@ -15,6 +15,8 @@ from largeml.inference import load_model
 from largeml.predict import input_scores
 from largeml.predict import run as predict_run
 
+pytestmark = pytest.mark.e2e
+
 ROWS, FEATURES, BATCH = 700, 12, 64  # 11 batches, the last one short
 
 
