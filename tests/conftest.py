@@ -2,6 +2,7 @@
 
 import os
 import pty
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,35 @@ STREAMING = ["optimizer=sgd", "trainer.tol=0"]
 # Shrinks a run to seconds: a small synthetic set and two short epochs.
 SMALL = ["data.n_samples=3000", "data.n_features=20", "trainer.max_epochs=2",
          "trainer.log_every_n_steps=5", *STREAMING]
+
+
+# The tiers: every test has exactly one (pyproject.toml describes them); `slow` and `gpu` go
+# on top of a tier.
+TIERS = ("unit", "e2e", "distributed")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuses a test with no tier marker or with several, and leaves out `slow` tests unless
+    the -m expression names `slow`: `pytest` and `pytest -m unit` skip the long tier, `pytest
+    -m slow` runs it, `pytest -m "slow or not slow"` runs everything."""
+    untiered = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers()} & set(TIERS))
+        if len(tiers) != 1:
+            untiered.append(f"{item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if untiered:
+        raise pytest.UsageError(
+            "every test needs exactly one tier marker, @pytest.mark.unit (in process), "
+            "@pytest.mark.e2e (runs a largeml command in a subprocess) or "
+            "@pytest.mark.distributed (torchrun or spawned process groups), or a module-level "
+            "`pytestmark = pytest.mark.unit`; these have none or several:\n  "
+            + "\n  ".join(untiered))
+    if not re.search(r"\bslow\b", config.option.markexpr):
+        slow = [item for item in items if item.get_closest_marker("slow")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture

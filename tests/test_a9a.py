@@ -11,7 +11,7 @@ from largeml.checkpoint import load_checkpoint
 from largeml.data import a9a
 from largeml.train import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("model", ["logreg", "svm"])

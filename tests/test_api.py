@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, SMALL, free_port
 
 # Each worker: set the environment an engine sets, call largeml.fit, write what it returned.
@@ -36,6 +37,7 @@ def python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
+@pytest.mark.e2e
 def test_fit_returns_the_metrics_and_writes_the_run_directory(tmp_path):
     code = ("import json, sys, largeml; "
             "print(json.dumps(largeml.fit(sys.argv[2:], run_dir=sys.argv[1])))")
@@ -51,6 +53,7 @@ def test_fit_returns_the_metrics_and_writes_the_run_directory(tmp_path):
     assert "final: " in (run_dir / "train.log").read_text()
 
 
+@pytest.mark.e2e
 def test_fit_errors_are_raised_naming_the_key(tmp_path):
     code = ("import largeml\n"
             "try:\n    largeml.fit(['trainer.best_metric=nope'], run_dir='run')\n"
@@ -60,6 +63,7 @@ def test_fit_errors_are_raised_naming_the_key(tmp_path):
     assert "raised: trainer.best_metric must be one of" in result.stdout
 
 
+@pytest.mark.distributed
 def test_fit_in_two_spawned_processes_trains_one_model(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -6,6 +6,8 @@ import torch
 from largeml import auto
 from largeml.data import synthetic
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 

@@ -6,6 +6,8 @@ from torch.utils.data import DataLoader
 
 from largeml.data.batches import InMemoryBatches
 
+pytestmark = pytest.mark.unit
+
 N, BATCH = 23, 5
 
 

@@ -36,6 +36,7 @@ def train(tmp, name, *overrides):
     return run_dir, result
 
 
+@pytest.mark.e2e
 def test_balanced_weights_reach_scikit_learns_balanced_optimum(rare):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import balanced_accuracy_score
@@ -80,6 +81,7 @@ def test_balanced_weights_reach_scikit_learns_balanced_optimum(rare):
     assert balanced_accuracy_score(split.y_val, x_val @ w0 + b0 > 0) < ours - 0.05
 
 
+@pytest.mark.e2e
 def test_evaluate_reports_the_weighted_training_loss(rare):
     import subprocess
     import sys
@@ -98,6 +100,7 @@ def test_evaluate_reports_the_weighted_training_loss(rare):
     assert json.loads(out.read_text())["loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("spec, message", [
     ("loss.class_weight=heavy", "loss.class_weight must be null, balanced or"),
     ("loss.class_weight={3: 2.0}", "loss.class_weight: 3 is not one of the training classes"),
@@ -110,6 +113,7 @@ def test_bad_class_weights_are_config_errors(rare, spec, message):
     assert message in result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_weights_follow_the_class_order_and_the_binary_convention():
     classes = Classes.of_counts({"-1": 30, "1": 10}, "test")
     torch.testing.assert_close(classes.weights("balanced", {"-1": 30, "1": 10}, "k"),

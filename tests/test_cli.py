@@ -13,6 +13,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from largeml.checkpoint import load_checkpoint
 from largeml.models import MLP, Linear
 
+pytestmark = pytest.mark.e2e
+
 METRICS = ["train/loss", "train/lr", "perf/samples_per_sec", "val/loss", "val/accuracy", "val/auc"]
 
 

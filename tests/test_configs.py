@@ -12,6 +12,8 @@ from largeml.data.sources import A9A_DIR
 from largeml.errors import ConfigError
 from largeml.train import CONFIG_DIR, run
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = sorted(
     (group.name, path.stem)
     for group in Path(CONFIG_DIR).iterdir() if group.is_dir()
@@ -30,6 +32,8 @@ def test_shipped_config_trains_a_few_steps(compose_config, tmp_path, group, choi
     overrides = [f"{group}={choice}", "trainer.max_steps=3"]
     if group != "data":
         overrides += SMALL
+    if choice == "synthetic":  # its rows and features as shipped, fewer of them
+        overrides += ["data.n_samples=3000"]
     if choice in ("libsvm", "files"):
         overrides += [f"data.train_path={A9A_DIR / 'a9a.t.gz'}",
                       f"data.val_path={A9A_DIR / 'a9a.t.gz'}",

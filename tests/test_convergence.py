@@ -25,7 +25,7 @@ from sklearn.svm import LinearSVC
 from largeml.checkpoint import load_checkpoint
 from largeml.train import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

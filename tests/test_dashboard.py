@@ -16,6 +16,8 @@ from conftest import SMALL, free_port, run_cli, run_in_terminal
 
 from largeml.checkpoint import load_checkpoint, step_files
 
+pytestmark = pytest.mark.e2e
+
 _SCRIPT = Path(sys.executable).with_name("tensorboard")
 TENSORBOARD = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "tensorboard.main"]
 

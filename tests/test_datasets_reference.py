@@ -18,6 +18,8 @@ from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 import datasets  # noqa: E402  (tests/datasets.py)
 
+pytestmark = pytest.mark.unit
+
 # n_features, and the range the positive share of the training rows must fall in
 SHAPES = {
     "dense_imbalanced": (22, 0.08, 0.12),

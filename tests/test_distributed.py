@@ -39,6 +39,8 @@ from largeml.models import Linear
 from largeml.schedules import constant
 from largeml.trainer import Trainer
 
+pytestmark = pytest.mark.distributed
+
 # Environment torchrun and its workers must not inherit from whatever runs the tests.
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                  "MASTER_ADDR", "MASTER_PORT")
@@ -333,11 +335,10 @@ def test_uneven_shards_finish(tmp_path):
 
 def test_batch_size_that_does_not_split_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    started = time.monotonic()
+    # Refused before training: the whole launch ends within the timeout, or run_torchrun fails.
     code, output = run_torchrun(f"hydra.run.dir={run_dir}", *SMALL, "data.batch_size=255",
-                                cwd=tmp_path, timeout=120)
+                                cwd=tmp_path, timeout=90)
     assert code != 0
-    assert time.monotonic() - started < 90
     assert "data.batch_size=255 is the global batch" in output
     assert not list(tmp_path.rglob("*.pt"))
     assert not list(tmp_path.rglob("metrics.json"))
@@ -351,11 +352,8 @@ def test_dead_rank_ends_the_launch(tmp_path):
         ranks = training(launch, run_dir)
 
         os.kill(ranks[1], signal.SIGKILL)
-        killed = time.monotonic()
-        code = launch.wait(timeout=90)
-        took = time.monotonic() - killed
+        code = launch.wait(timeout=60)  # torchrun notices the dead rank within it, or this fails
         assert code != 0, launch.output()
-        assert took < 60, f"torchrun took {took:.0f} s to notice a dead rank"
         assert not alive(ranks[0]), "rank 0 outlived torchrun"
         assert "final:" not in log_text(run_dir / "train.log")  # stopped, did not finish
     finally:
@@ -371,13 +369,10 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     try:
         ranks = training(launch, run_dir)
         os.kill(ranks[1], signal.SIGTERM)
-        signalled = time.monotonic()
-        code = launch.wait(timeout=90)
-        took = time.monotonic() - signalled
+        code = launch.wait(timeout=30)  # every rank stops within it, or this fails
     finally:
         launch.cleanup()
     assert code != 0, launch.output()  # the workers exit 143, so torchrun reports a failure
-    assert took < 30, f"the ranks took {took:.0f} s to stop"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["stopped"] == "SIGTERM", launch.output()
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -401,18 +396,17 @@ def test_hung_rank_fails_with_a_clear_error(tmp_path):
         stopped = time.monotonic()
         # Rank 0 gives up after the collective's timeout and says why, in the console (which
         # torchrun forwards) and in train.log, then exits.
-        took = wait_until(
+        wait_until(
             lambda: DIST_ERROR in log_text(run_dir / "train.log") or not alive(ranks[0]),
             timeout + 40, "DistributedError message or exit of rank 0",
         )
-        assert took < timeout + 40
         time.sleep(0.5)  # the console line may trail the file's
         assert DIST_ERROR in log_text(run_dir / "train.log"), launch.output()
         assert DIST_ERROR in launch.output()
-        # torchrun then ends the stopped rank (SIGTERM, SIGKILL after its 30 s grace).
-        code = launch.wait(timeout=max(5.0, 90 - (time.monotonic() - stopped)))
+        # torchrun then ends the stopped rank (SIGTERM, SIGKILL after its 30 s grace), within
+        # 90 s of the stop, or the wait fails.
+        code = launch.wait(timeout=max(0.0, stopped + 90 - time.monotonic()))
         assert code != 0
-        assert time.monotonic() - stopped < 90
         assert not alive(ranks[0])
         assert not alive(ranks[1])
     finally:

@@ -20,6 +20,8 @@ from largeml.solvers import Newton
 
 from conftest import write_sparse_shards
 
+pytestmark = pytest.mark.unit
+
 needs_numba = pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
 
 

@@ -17,10 +17,12 @@ pytestmark = [
 ]
 
 
+@pytest.mark.unit
 def test_auto_picks_cuda():
     assert resolve_device("auto").type == "cuda"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("precision", ["32", "bf16"])
 @pytest.mark.parametrize("model", ["logreg", "svm", "mlp"])
 def test_train_on_cuda(tmp_path, model, precision):
@@ -35,6 +37,7 @@ def test_train_on_cuda(tmp_path, model, precision):
     assert all(t.device.type == "cpu" for t in checkpoint["model"].values())
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("overrides", [
     ["model=logreg"],  # multinomial, the full-batch L-BFGS on GPU-held rows
     ["model=svm", "optimizer=sgd", "loss.multiclass=ovr"],
@@ -55,6 +58,7 @@ def test_three_classes_on_cuda_match_the_cpu(tmp_path, overrides):
     assert accuracy["cuda"] == pytest.approx(accuracy["cpu"], abs=0.02)
 
 
+@pytest.mark.e2e
 def test_a9a_on_cuda_matches_cpu_accuracy(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(f"hydra.run.dir={run_dir}", "data=a9a", "trainer.device=cuda", cwd=tmp_path)
@@ -62,6 +66,7 @@ def test_a9a_on_cuda_matches_cpu_accuracy(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text())["val/accuracy"] >= 0.845
 
 
+@pytest.mark.unit
 def test_resident_data_trains_from_gpu_memory(compose_config, tmp_path, monkeypatch, caplog):
     """data.resident=true: the Trainer puts the rows on the GPU once; every batch it trains on
     is already there (nothing pinned, nothing copied)."""
@@ -84,6 +89,7 @@ def test_resident_data_trains_from_gpu_memory(compose_config, tmp_path, monkeypa
     assert metrics["val/accuracy"] > 0.8
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("model", ["logreg", "svm"])
 def test_full_batch_newton_on_gpu_equals_cpu(compose_config, tmp_path, model, caplog):
     """The default solver with its training rows held in GPU memory: the same optimum as on
@@ -100,6 +106,7 @@ def test_full_batch_newton_on_gpu_equals_cpu(compose_config, tmp_path, model, ca
         metrics["cpu"]["train/objective"], rel=1e-6)
 
 
+@pytest.mark.e2e
 def test_sparse_full_batch_on_gpu(tmp_path):
     """LIBSVM (sparse CSR batches) through Newton's CG path on the GPU."""
     import numpy as np
@@ -120,6 +127,7 @@ def test_sparse_full_batch_on_gpu(tmp_path):
     assert metrics["stopped"] == "converged"
 
 
+@pytest.mark.unit
 def test_ftrl_batch_form_on_cuda_matches_the_cpu(tmp_path):
     """FTRL's batch form (torch index ops) takes the same steps on CUDA as on the CPU."""
     from largeml.ftrl import FTRL
@@ -146,6 +154,7 @@ def test_ftrl_batch_form_on_cuda_matches_the_cpu(tmp_path):
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_ftrl_trains_sparse_shards_on_cuda(tmp_path):
     from conftest import write_sparse_shards
 

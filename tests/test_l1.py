@@ -15,6 +15,8 @@ from conftest import run_cli  # noqa: E402
 from largeml import losses  # noqa: E402
 from largeml.checkpoint import load_checkpoint  # noqa: E402
 
+pytestmark = pytest.mark.e2e
+
 L1 = 0.01
 
 

@@ -7,6 +7,8 @@ import torch
 
 from largeml.losses import bce, hinge, squared_hinge
 
+pytestmark = pytest.mark.unit
+
 # (score, label): t = 2y - 1, margin m = t * s
 SCORES = torch.tensor([0.5, -2.0, 2.0, 2.0, -0.5])
 LABELS = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])

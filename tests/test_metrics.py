@@ -8,6 +8,8 @@ import torch
 
 from largeml.metrics import accuracy, roc_auc
 
+pytestmark = pytest.mark.unit
+
 
 def test_accuracy_thresholds_at_zero() -> None:
     scores = torch.tensor([1.0, -1.0, 0.0, 0.2, -3.0])

@@ -6,6 +6,8 @@ from torch import nn
 
 from largeml.models import MLP, Linear, l2_penalty
 
+pytestmark = pytest.mark.unit
+
 
 def test_linear_starts_at_zero() -> None:
     model = Linear(5)

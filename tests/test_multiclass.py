@@ -67,6 +67,7 @@ def digits(tmp_path_factory) -> tuple[Path, datasets.Split, Path, Path]:
     return (tmp, split, *written(tmp, split))
 
 
+@pytest.mark.e2e
 def test_logreg_on_digits_is_scikit_learns_multinomial_optimum(digits):
     from sklearn.linear_model import LogisticRegression
 
@@ -128,6 +129,7 @@ def test_logreg_on_digits_is_scikit_learns_multinomial_optimum(digits):
     np.testing.assert_array_equal(raw_scores.argmax(1), table[:, -1])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("multiclass", ["crammer_singer", "ovr"])
 def test_svm_on_digits_within_a_point_of_linear_svc(digits, multiclass):
     from sklearn.svm import LinearSVC
@@ -145,6 +147,7 @@ def test_svm_on_digits_within_a_point_of_linear_svc(digits, multiclass):
     assert metrics["val/accuracy"] >= reference.score(x_val, split.y_val) - 0.01
 
 
+@pytest.mark.e2e
 def test_mlp_on_digits_beats_the_linear_models(digits):
     # With defaults (optimizer=auto: Adam, early stopping on val/loss, one hidden layer of 256),
     # above scikit-learn's multinomial LogisticRegression and LinearSVC on the same rows, and
@@ -176,6 +179,7 @@ def test_mlp_on_digits_beats_the_linear_models(digits):
     assert evaluated["accuracy"] == pytest.approx(metrics["val/accuracy"], abs=1e-6)
 
 
+@pytest.mark.e2e
 def test_twenty_topics_sparse_logreg_within_half_a_point_of_scikit_learn(tmp_path):
     from sklearn.linear_model import LogisticRegression
 
@@ -191,6 +195,7 @@ def test_twenty_topics_sparse_logreg_within_half_a_point_of_scikit_learn(tmp_pat
     assert abs(metrics["val/accuracy"] - reference.score(x_val, split.y_val)) <= 0.005
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("optimizer", ["newton", "ftrl"])
 def test_two_class_optimizers_refuse_more_classes_naming_the_way_out(digits, optimizer):
     tmp, _, train_file, val_file = digits
@@ -203,6 +208,7 @@ def test_two_class_optimizers_refuse_more_classes_naming_the_way_out(digits, opt
     assert "10 classes" in output and "optimizer=lbfgs" in output
 
 
+@pytest.mark.unit
 def test_multiclass_metrics_match_scikit_learn():
     from sklearn import metrics as sk
 

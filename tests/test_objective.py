@@ -14,6 +14,8 @@ from largeml.models import Linear
 from largeml.objective import FullBatch, value
 from largeml.solvers import Newton
 
+pytestmark = pytest.mark.unit
+
 N, D, LAM = 300, 6, 0.05
 
 

@@ -13,6 +13,8 @@ from test_convert import LIBSVM, LIBSVM_X, LIBSVM_Y, read_back
 
 from largeml.data.shards import open_shards
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -7,6 +7,8 @@ import pytest
 from conftest import REPO
 from omegaconf import OmegaConf
 
+pytestmark = pytest.mark.unit
+
 README = (REPO / "README.md").read_text()
 
 

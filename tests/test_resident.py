@@ -1,6 +1,7 @@
 """`data.resident=true`: the rank's rows held on the device, batched exactly as streamed."""
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ from largeml.data.sources import files
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError
 from largeml.train import run
+
+pytestmark = pytest.mark.unit
 
 N, D = 1003, 5
 SETTINGS = {"batch_size": 32, "seed": 3, "shuffle_blocks": 4}
@@ -116,9 +119,27 @@ def test_resident_run_trains_exactly_like_streaming(compose_config, tmp_path, de
 
 
 def test_resident_module_reads_ahead_with_no_thread(dense):
-    module = files(str(dense), resident=True)
-    assert module.resident and module.reader_threads == 0
-    assert isinstance(module.train, ResidentStream)
+    """A resident module's batches are cut from memory in the training thread: iterating it
+    starts no thread (the streamed module starts its reader thread, so the check can see one)
+    and yields the streamed batches; so the Trainer leaves no core to a reader."""
+    settings = {"batch_size": 32, "shuffle_blocks": 4, "seed": 3}
+    streaming = files(str(dense), **settings)
+    resident = files(str(dense), resident=True, **settings)
+    resident.train.to_device(torch.device("cpu"))
+
+    def batches_and_threads_started(dataset) -> tuple[Batches, set[threading.Thread]]:
+        before, started, batches = set(threading.enumerate()), set(), []
+        for x, y in dataset:
+            started |= set(threading.enumerate()) - before
+            batches.append((x.clone(), y.clone()))
+        return batches, started
+
+    streamed_batches, reader = batches_and_threads_started(streaming.train)
+    resident_batches, started = batches_and_threads_started(resident.train)
+    assert reader, "the streamed module started no reader thread"
+    assert not started, f"the resident module started {started}"
+    assert_same(resident_batches, streamed_batches)
+    assert (resident.reader_threads, streaming.reader_threads) == (0, 1)
 
 
 def test_sparse_data_cannot_be_resident(compose_config, tmp_path):

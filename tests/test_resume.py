@@ -270,6 +270,7 @@ def short_run(tmp_path_factory) -> Path:
 # -- 1. SIGKILL mid-run, then the same command again -----------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", [case if case in ("synthetic", "mlp-3-classes") else
                                   pytest.param(case, marks=pytest.mark.slow) for case in CASES])
 def test_killed_run_resumes_bitwise_equal(tmp_path, rng, case, case_overrides, uninterrupted):
@@ -307,6 +308,7 @@ def test_killed_run_resumes_bitwise_equal(tmp_path, rng, case, case_overrides, u
 # -- 2. SIGTERM --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigterm_saves_exits_143_and_the_same_command_finishes(tmp_path, rng, case_overrides,
                                                                uninterrupted):
@@ -347,6 +349,7 @@ def test_sigterm_saves_exits_143_and_the_same_command_finishes(tmp_path, rng, ca
 # -- 3. damaged checkpoints ------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("damage", [truncate_to_half, flip_middle_byte],
                          ids=["truncated", "flipped-byte"])
 def test_damaged_newest_checkpoint_is_skipped(tmp_path, short_run, damage):
@@ -382,6 +385,7 @@ def small_state(step: int) -> dict:
             "step": step, "epoch": 1, "best": {"value": None, "step": -1}, "name": "x"}
 
 
+@pytest.mark.unit
 def test_checkpoint_round_trip(tmp_path):
     path = tmp_path / "checkpoints" / "step-000000007.pt"
     state = small_state(7)
@@ -392,6 +396,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert "crc32" in torch.load(path, weights_only=True)
 
 
+@pytest.mark.unit
 def test_changed_contents_fail_the_checksum(tmp_path):
     """A tensor value changed under the old checksum: torch.load alone would not notice."""
     path = tmp_path / "step-000000001.pt"
@@ -407,6 +412,7 @@ def test_changed_contents_fail_the_checksum(tmp_path):
     assert load_checkpoint(path)["step"] == 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keep", [0.0, 0.01, 0.5, 0.999], ids=["empty", "1%", "half", "-1B"])
 def test_truncated_checkpoint_is_damaged(tmp_path, keep):
     path = tmp_path / "step-000000001.pt"
@@ -417,6 +423,7 @@ def test_truncated_checkpoint_is_damaged(tmp_path, keep):
         load_checkpoint(path)
 
 
+@pytest.mark.unit
 def test_every_single_bit_flip_is_detected_or_harmless(tmp_path):
     """One bit flipped at each byte of the file in turn (bit i % 8 at byte i): loading raises
     DamagedCheckpoint, or it returns exactly what was saved (a flip in the zip's padding or in
@@ -441,6 +448,7 @@ def test_every_single_bit_flip_is_detected_or_harmless(tmp_path):
     assert not wrong, f"{len(wrong)} of {len(good)} flips:\n" + "\n".join(wrong[:10])
 
 
+@pytest.mark.unit
 def test_prune_keeps_the_newest_step_files(tmp_path):
     for step in (3, 9, 10, 120, 1000):
         save_checkpoint(small_state(step), tmp_path / f"step-{step:09d}.pt")
@@ -456,6 +464,7 @@ def test_prune_keeps_the_newest_step_files(tmp_path):
     assert [p.name for p in step_files(tmp_path)] == ["step-000001000.pt"]
 
 
+@pytest.mark.unit
 def test_newest_complete_falls_back_past_damaged_files(tmp_path, caplog):
     assert newest_complete(tmp_path) is None
     for step in (5, 10, 15):
@@ -480,6 +489,7 @@ def test_newest_complete_falls_back_past_damaged_files(tmp_path, caplog):
 # -- 4. trainer.resume=<path> | null ---------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_resume_from_a_path_continues_in_a_new_run_directory(tmp_path, short_run):
     source = short_run / "checkpoints" / "step-000000015.pt"
     run_dir = tmp_path / "run"
@@ -494,6 +504,7 @@ def test_resume_from_a_path_continues_in_a_new_run_directory(tmp_path, short_run
                                load_checkpoint(short_run / "checkpoints" / "last.pt"))
 
 
+@pytest.mark.e2e
 def test_resume_from_a_missing_or_damaged_file_is_a_config_error(tmp_path, short_run):
     damaged = tmp_path / "damaged.pt"
     shutil.copyfile(short_run / "checkpoints" / "last.pt", damaged)
@@ -507,6 +518,7 @@ def test_resume_from_a_missing_or_damaged_file_is_a_config_error(tmp_path, short
         assert not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_resume_null_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp_path, short_run):
     """Starting from scratch there would mix two runs' step files (the earlier run's higher
     steps would outrank the new ones): the run stops before training and touches nothing."""
@@ -523,6 +535,7 @@ def test_resume_null_refuses_a_directory_with_an_earlier_runs_checkpoints(tmp_pa
 # -- 5. best.pt and keep_checkpoints ---------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_best_checkpoint_follows_the_logged_metric(tmp_path):
     run_dir = tmp_path / "run"
     # 10 steps an epoch; validation every 3 steps and at each epoch end, checkpoints every 5
@@ -588,6 +601,7 @@ def checkpoints_under(cwd: Path) -> Path | None:
     return found[0] if found else None
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_resumes(tmp_path, rng):
     env = {**ENV, "GLOO_SOCKET_IFNAME": "lo"}

@@ -34,6 +34,7 @@ def train(tmp, name, *overrides):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_rff_is_within_a_point_and_a_half_of_the_exact_kernel_svm(interactions):
     from sklearn.preprocessing import StandardScaler
@@ -59,6 +60,7 @@ def test_rff_is_within_a_point_and_a_half_of_the_exact_kernel_svm(interactions):
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(rff["val/accuracy"])
 
 
+@pytest.mark.unit
 def test_random_features_estimate_the_rbf_kernel():
     torch.manual_seed(0)
     model = RFF(5, n_components=20_000, gamma=0.3)
@@ -72,6 +74,7 @@ def test_random_features_estimate_the_rbf_kernel():
     assert [name for name, _ in model.named_parameters()] == ["linear.weight", "linear.bias"]
 
 
+@pytest.mark.unit
 def test_rff_takes_sparse_rows_as_it_takes_dense():
     model = RFF(6, n_components=32, gamma=0.5)
     torch.nn.init.normal_(model.linear.weight)
@@ -79,6 +82,7 @@ def test_rff_takes_sparse_rows_as_it_takes_dense():
     torch.testing.assert_close(model(dense.to_sparse_csr()), model(dense))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("bad, message", [("model.gamma=-1", "model.gamma must be auto or a"),
                                           ("model.n_components=0", "model.n_components must")])
 def test_bad_rff_settings_name_the_key(interactions, bad, message):

@@ -7,6 +7,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from largeml import schedules
 from largeml.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 LR = 0.1
 
 

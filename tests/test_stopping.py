@@ -15,6 +15,8 @@ from conftest import REPO, run_cli
 
 from largeml.checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.e2e
+
 SET = ["data.n_samples=3000", "data.n_features=20"]  # 2400 training rows, in memory
 
 

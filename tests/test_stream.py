@@ -11,6 +11,8 @@ from largeml.data.shards import ShardWriter
 from largeml.data.stream import ShardStream
 from largeml.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 N, D = 1003, 6
 
 

@@ -51,6 +51,7 @@ def species(tmp_path_factory) -> dict:
             "run": root / "run", "checkpoint": root / "run" / "checkpoints" / "last.pt"}
 
 
+@pytest.mark.unit
 def test_string_labels_are_stored_as_codes_of_the_files_own_names(tmp_path):
     x, y = _species(2, 50)
     index = convert(_write_csv(tmp_path / "s.csv", x, SPECIES[y]), tmp_path / "shards",
@@ -61,6 +62,7 @@ def test_string_labels_are_stored_as_codes_of_the_files_own_names(tmp_path):
     np.testing.assert_array_equal(stored, y)
 
 
+@pytest.mark.unit
 def test_quoted_and_unquoted_string_labels_read_alike(tmp_path):
     # Quotes send every chunk through the line-by-line reader; both readers agree.
     x, y = _species(3, 200)
@@ -74,6 +76,7 @@ def test_quoted_and_unquoted_string_labels_read_alike(tmp_path):
                                       np.load(quoted.path(quoted.shards[0], kind)))
 
 
+@pytest.mark.unit
 def test_a_string_after_numeric_labels_names_its_line(tmp_path):
     path = tmp_path / "mixed.csv"
     path.write_text("a,label\n0.5,1\n0.25,0\n0.75,other\n")
@@ -82,6 +85,7 @@ def test_a_string_after_numeric_labels_names_its_line(tmp_path):
         convert(path, tmp_path / "shards")
 
 
+@pytest.mark.unit
 def test_an_empty_string_label_names_its_line(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("a,label\n0.5,cat\n0.25,\n")
@@ -89,6 +93,7 @@ def test_an_empty_string_label_names_its_line(tmp_path):
         convert(path, tmp_path / "shards")
 
 
+@pytest.mark.e2e
 def test_training_on_string_labels_reaches_scikit_learns_optimum(species):
     from sklearn.linear_model import LogisticRegression
 
@@ -99,6 +104,7 @@ def test_training_on_string_labels_reaches_scikit_learns_optimum(species):
     assert metrics["val/accuracy"] > 0.75  # well above a third: the labels were read right
 
 
+@pytest.mark.e2e
 def test_evaluate_and_predict_speak_the_datas_labels(species, tmp_path):
     from sklearn.linear_model import LogisticRegression
 
@@ -134,6 +140,7 @@ def test_evaluate_and_predict_speak_the_datas_labels(species, tmp_path):
         assert np.mean(labels == SPECIES[peer.predict(x_val)]) >= 0.99
 
 
+@pytest.mark.e2e
 def test_binary_string_labels_and_their_class_weights(tmp_path):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1500, 2)).round(4)
@@ -164,6 +171,7 @@ def test_binary_string_labels_and_their_class_weights(tmp_path):
     assert runs["weighted"].mean() > runs["plain"].mean() + 0.02  # spam weighs 4, so more spam
 
 
+@pytest.mark.e2e
 def test_binary_labels_are_predicted_as_the_data_spells_them(tmp_path):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(400, 3))
@@ -191,6 +199,7 @@ def test_binary_labels_are_predicted_as_the_data_spells_them(tmp_path):
         assert np.mean(label == signed) > 0.95
 
 
+@pytest.mark.e2e
 def test_a_validation_label_outside_the_training_classes_names_the_file(tmp_path):
     x, y = _species(6, 300)
     train = _write_csv(tmp_path / "train.csv", x, SPECIES[y])

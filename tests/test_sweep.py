@@ -20,6 +20,7 @@ def read_summary(sweep_dir: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), list(reader)
 
 
+@pytest.mark.e2e
 def test_sweep_writes_a_summary_of_every_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli("-m", "model=logreg,svm", "optimizer.lr=0.1,0.01",
@@ -57,6 +58,7 @@ def test_sweep_writes_a_summary_of_every_job(tmp_path):
     assert markdown.strip() in output  # the table is logged at the end of the sweep
 
 
+@pytest.mark.e2e
 def test_a_failed_job_is_listed_and_the_sweep_goes_on(tmp_path):
     """A job with a bad value fails with its message; the sweep runs the jobs after it, the
     summary lists the failed one with no metrics, and the sweep's exit status says it failed."""
@@ -81,6 +83,7 @@ def test_a_failed_job_is_listed_and_the_sweep_goes_on(tmp_path):
     assert "| failed: ConfigError:" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.unit
 def test_a_job_that_raised_is_marked_failed(tmp_path):
     """Hydra hands the callback a raised exception (not an exit) as a FAILED JobReturn."""
     sweep_dir = tmp_path / "sweep"
@@ -108,11 +111,13 @@ def test_a_job_that_raised_is_marked_failed(tmp_path):
     assert "| failed: RuntimeError: out of memory |" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.unit
 def test_varying_overrides_keeps_keys_that_differ():
     jobs = [{"model": "svm", "seed": "1"}, {"model": "svm", "seed": "2", "loss": "hinge"}]
     assert varying_overrides(jobs) == [{"seed": "1", "loss": ""}, {"seed": "2", "loss": "hinge"}]
 
 
+@pytest.mark.e2e
 def test_single_run_writes_no_summary(tmp_path):
     result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", *SMALL, "trainer.max_epochs=1",
                      cwd=tmp_path)

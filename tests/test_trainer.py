@@ -12,6 +12,8 @@ from largeml.models import MLP, Linear, l2_penalty
 from largeml.schedules import constant
 from largeml.trainer import Trainer
 
+pytestmark = pytest.mark.unit
+
 
 def make_trainer(model: torch.nn.Module, loss_fn, l2: float, run_dir: Path, **kwargs) -> Trainer:
     data = synthetic(n_samples=200, n_features=5, val_fraction=0.2, batch_size=40)
