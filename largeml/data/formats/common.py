@@ -246,6 +246,15 @@ def piece_bytes(shard_bytes: int) -> int:
     return max(1, min(DENSE_BLOCK_BYTES, shard_bytes // 8))
 
 
+def write_rows(writer: ShardWriter, rows: Rows, piece: int) -> None:
+    """Hands `rows` (CSR or a matrix) to the writer in pieces of about `piece` bytes, in the
+    writer's layout (CSR rows become dense ones for a dense writer)."""
+    if writer.layout == "sparse":
+        write_sparse(writer, rows, piece)
+    else:
+        write_dense(writer, rows, writer.n_features, piece)
+
+
 def write_sparse(writer: ShardWriter, rows: Rows, piece: int) -> None:
     # bytes as the writer counts them: 8 + 4 per row (indptr, label), 8 per non-zero
     size = 12 * np.arange(1, len(rows.y) + 1) + 8 * rows.indptr[1:]

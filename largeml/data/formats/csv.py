@@ -34,8 +34,7 @@ from largeml.data.formats.common import (
     table_rows,
     table_width,
     text_chunks,
-    write_dense,
-    write_sparse,
+    write_rows,
 )
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import DataError
@@ -82,10 +81,7 @@ def convert(path: Path, output: Path, options: Options, source: dict[str, Any],
                 last = first_line + text.count(b"\n") - 1
                 rows = table_rows(x, found, options.hash_bits, y,
                                   f"{path}: lines {first_line}-{last}")
-                if categorical:
-                    write_sparse(writer, rows, piece)
-                else:
-                    write_dense(writer, rows, width, piece)
+                write_rows(writer, rows, piece)
                 rows_read += len(x)
             if not rows_read:
                 raise DataError(f"{path}: no data rows after the header")

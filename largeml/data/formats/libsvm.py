@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from largeml.data import hashing
-from largeml.data.hashing import FLOAT32_MAX
 from largeml.data.formats.common import (
     Labels,
     Options,
@@ -32,9 +31,9 @@ from largeml.data.formats.common import (
     piece_bytes,
     stored,
     text_chunks,
-    write_dense,
-    write_sparse,
+    write_rows,
 )
+from largeml.data.hashing import FLOAT32_MAX
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import DataError
 from largeml.progress import Progress
@@ -105,10 +104,7 @@ def convert(path: Path, output: Path, options: Options, source: dict[str, Any],
                 where = f"{path}: lines {lineno}-{last}"
                 rows.indptr, rows.indices, rows.values = hashing.hash_rows(
                     rows.indptr, rows.indices, rows.values, hash_bits, where)
-            if layout == "sparse":
-                write_sparse(writer, rows, piece)
-            else:
-                write_dense(writer, rows, n_features, piece)
+            write_rows(writer, rows, piece)
         if not labels.first:
             raise DataError(f"{path}: no data rows (the file is empty or only comments)")
     return open_shards(output)  # the writer's own close() wrote and renamed it

@@ -7,8 +7,15 @@ from typing import Any
 import numpy as np
 
 from largeml.data.formats import common
-from largeml.data.formats.common import Labels, Options, Rows, fits_float32, piece_bytes, \
-    stored, write_dense
+from largeml.data.formats.common import (
+    Labels,
+    Options,
+    Rows,
+    fits_float32,
+    piece_bytes,
+    stored,
+    write_dense,
+)
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import DataError
 from largeml.progress import Progress

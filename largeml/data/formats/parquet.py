@@ -31,8 +31,7 @@ from largeml.data.formats.common import (
     piece_bytes,
     table_rows,
     table_width,
-    write_dense,
-    write_sparse,
+    write_rows,
 )
 from largeml.data.shards import ShardIndex, ShardWriter, open_shards
 from largeml.errors import ConfigError, DataError
@@ -116,10 +115,7 @@ def convert(path: Path, output: Path, options: Options, source: dict[str, Any],
             for first_row, x, y, found in _batches(pa, part, file, wanted, labels):
                 rows = table_rows(x, found, options.hash_bits, y,
                                   f"{part}: rows {first_row}-{first_row + len(y) - 1}")
-                if categorical:
-                    write_sparse(writer, rows, piece)
-                else:
-                    write_dense(writer, rows, width, piece)
+                write_rows(writer, rows, piece)
                 done += len(y)
                 at = read + size * (first_row + len(y)) / rows_in_part
                 progress.update(progress.total * at / total,
