@@ -241,7 +241,8 @@ def test_one_run_directory_per_launch(tmp_path, rdzv_id):
 
 
 @pytest.mark.parametrize("model, classes", [
-    ("logreg", 2), pytest.param("mlp", 2, marks=pytest.mark.slow), ("logreg", 3)])
+    ("logreg", 2), pytest.param("mlp", 2, marks=pytest.mark.slow),
+    pytest.param("logreg", 3, marks=pytest.mark.slow)])
 def test_two_processes_train_the_same_model_as_one(tmp_path, model, classes):
     # 2402 training rows in global batches of 256: nine full ones and one of 98, all even; 601
     # validation rows, which 2 ranks cannot split evenly.

@@ -112,7 +112,8 @@ def train(tmp_path: Path, shards: Path, *overrides: str) -> Path:
 @pytest.mark.e2e
 @pytest.mark.parametrize("overrides, logistic", [
     ([], True), (["model=svm"], False), (["model=mlp", "optimizer=adam"], True),
-    (["model=mlp", "optimizer=adam", "trainer.precision=bf16"], True),  # scored in bf16 again
+    pytest.param(["model=mlp", "optimizer=adam", "trainer.precision=bf16"], True,  # in bf16 again
+                 marks=pytest.mark.slow),
 ], ids=["logreg", "svm", "mlp", "mlp-bf16"])
 def test_evaluate_reproduces_the_validation_metrics(tmp_path, shards, overrides, logistic):
     run_dir = train(tmp_path, shards, *overrides)

@@ -79,6 +79,7 @@ def test_fista_sets_irrelevant_weights_to_exactly_zero_at_the_l1_optimum(few):
          .mean() + L1 * w.abs().sum()).item(), rel=1e-5)
 
 
+@pytest.mark.slow  # the default tier keeps a shorter case of the same kind
 def test_ftrl_streams_the_same_sparse_model(few):
     tmp, split = few
     fista, result = train(tmp, "fista-sparse", f"regularization.l1={L1}", sparse=True)

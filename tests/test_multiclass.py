@@ -68,6 +68,7 @@ def digits(tmp_path_factory) -> tuple[Path, datasets.Split, Path, Path]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # the default tier keeps a shorter case of the same kind
 def test_logreg_on_digits_is_scikit_learns_multinomial_optimum(digits):
     from sklearn.linear_model import LogisticRegression
 

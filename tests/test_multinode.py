@@ -109,7 +109,8 @@ def test_two_nodes_train_the_one_process_model(tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("endpoint", ["closed", "nosuchhost.invalid"])
+@pytest.mark.parametrize("endpoint", [
+    "closed", pytest.param("nosuchhost.invalid", marks=pytest.mark.slow)])
 def test_an_unreachable_endpoint_fails_in_seconds_naming_it(tmp_path, endpoint):
     """A node that is not the rendezvous host (`is_host=false`: another machine should run the
     store) and finds no store at the endpoint, or cannot resolve its name, gives up after

@@ -271,7 +271,7 @@ def short_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("case", [case if case in ("synthetic", "mlp-3-classes") else
+@pytest.mark.parametrize("case", [case if case == "synthetic" else
                                   pytest.param(case, marks=pytest.mark.slow) for case in CASES])
 def test_killed_run_resumes_bitwise_equal(tmp_path, rng, case, case_overrides, uninterrupted):
     expected_dir = uninterrupted(case)

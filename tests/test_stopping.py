@@ -63,6 +63,7 @@ def test_streaming_run_stops_when_the_objective_stops_falling(tmp_path):
     assert "relative decrease" in train_log(run_dir)
 
 
+@pytest.mark.slow  # the default tier keeps a shorter case of the same kind
 def test_capped_full_batch_run_continues_to_the_uninterrupted_result(tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_cli(f"hydra.run.dir={whole}", *SET, cwd=tmp_path).returncode == 0

@@ -141,6 +141,7 @@ def test_evaluate_and_predict_speak_the_datas_labels(species, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # the default tier keeps a shorter case of the same kind
 def test_binary_string_labels_and_their_class_weights(tmp_path):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1500, 2)).round(4)
@@ -172,6 +173,7 @@ def test_binary_string_labels_and_their_class_weights(tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # the default tier keeps a shorter case of the same kind
 def test_binary_labels_are_predicted_as_the_data_spells_them(tmp_path):
     rng = np.random.default_rng(5)
     x = rng.normal(size=(400, 3))
