@@ -24,7 +24,7 @@ from typing import Any
 
 from largeml.data import cache, hashing, shards
 from largeml.data.formats import csv, libsvm, npy, parquet
-from largeml.data.formats.common import CATEGORICAL_BITS, Options
+from largeml.data.formats.common import CATEGORICAL_BITS, Options, starts_with
 from largeml.data.formats.csv import csv_header  # noqa: F401  (predict reads a CSV's header)
 from largeml.data.shards import ShardIndex
 from largeml.errors import ConfigError, DataError
@@ -128,20 +128,12 @@ def resolve_format(path: Path, format: str) -> str:
         name = path.name.lower().removesuffix(".gz")
         if parquet.is_parquet(path):
             return "parquet"
-        if name.endswith(".npy") or _starts_with(path, _NPY_MAGIC):
+        if name.endswith(".npy") or starts_with(path, _NPY_MAGIC):
             return "npy"
         return "csv" if name.endswith(".csv") else "libsvm"
     if format not in FORMATS:
         raise ConfigError(f"format must be auto, {', '.join(FORMATS)}; got {format!r}")
     return format
-
-
-def _starts_with(path: Path, magic: bytes) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
-    except OSError:
-        return False
 
 
 def _input_files(path: Path, fmt: str) -> list[Path]:

@@ -282,6 +282,15 @@ def write_dense(writer: ShardWriter, rows: Rows, n_features: int, piece: int) ->
 
 
 
+def starts_with(path: Path, magic: bytes) -> bool:
+    """Whether the file `path` begins with the bytes `magic` (False if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 # ----------------------------------------------------------------------------- categorical columns
 
 

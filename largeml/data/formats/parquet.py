@@ -29,6 +29,7 @@ from largeml.data.formats.common import (
     fits_float32,
     label_position,
     piece_bytes,
+    starts_with,
     table_rows,
     table_width,
     write_rows,
@@ -45,7 +46,7 @@ def is_parquet(path: Path) -> bool:
     such part files (and no shard index)."""
     if path.is_dir():
         return not (path / "index.json").exists() and bool(part_files(path))
-    return path.name.lower().endswith(".parquet") or _has_magic(path)
+    return path.name.lower().endswith(".parquet") or starts_with(path, MAGIC)
 
 
 def part_files(path: Path) -> list[Path]:
@@ -54,15 +55,7 @@ def part_files(path: Path) -> list[Path]:
         return [path]
     return sorted(p for p in path.iterdir()
                   if p.is_file() and not p.name.startswith(("_", "."))
-                  and (p.name.lower().endswith(".parquet") or _has_magic(p)))
-
-
-def _has_magic(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == MAGIC
-    except OSError:
-        return False
+                  and (p.name.lower().endswith(".parquet") or starts_with(p, MAGIC)))
 
 
 def _pyarrow():
