@@ -64,6 +64,7 @@ def run(top: Path, name: str, seed: int, rows: int, levels: list[int], pos_rate:
           f"largeml {m['val/accuracy']:.4f} ({m.get('stopped')}), scikit-learn {ref:.4f}, "
           f"diff {100*(m['val/accuracy']-ref):+.2f} pt", flush=True)
 
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as top:
         run(Path(top), "balanced_small", 1, 3000, [12, 5], 0.5, 1.0)

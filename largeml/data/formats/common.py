@@ -281,7 +281,6 @@ def write_dense(writer: ShardWriter, rows: Rows, n_features: int, piece: int) ->
         writer.write_dense(x, rows.y[lo:hi])
 
 
-
 def starts_with(path: Path, magic: bytes) -> bool:
     """Whether the file `path` begins with the bytes `magic` (False if it cannot be read)."""
     try:
