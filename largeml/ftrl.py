@@ -92,7 +92,11 @@ class FTRL(Optimizer):
             losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"],
                                       l1 * state["rows"])
         state["rows"] += y.shape[0]
+        self.step()  # so that an LR scheduler of α sees a step taken
         return losses
+
+    def step(self, closure=None) -> None:
+        """Nothing: FTRL learns in `step_batch` (which calls this)."""
 
     def _batch_step(self, model: Linear, x: Tensor, y: Tensor, loss_fn, alpha: float,
                     beta: float, decay: float, shrink: float = 0.0) -> Tensor:
