@@ -131,12 +131,13 @@ def _linear_value(model: "Linear", loss: int, batches: Iterable[Batch], l2: floa
     w = model.linear.weight.detach()[0]
     scale = model.input.mult if model.input.active else None
     bias = float(model.linear.bias)
-    grad_w = torch.zeros_like(w)
+    wg = torch.stack([w, torch.zeros_like(w)], dim=1)  # w beside ∇w: see kernels.linear_rows
+    grad_w = wg[:, 1]
     total = torch.zeros((), dtype=torch.float64)
     bias_grad = 0.0
     for x, y in batches:
         if x.layout == torch.sparse_csr:
-            loss_sum, d_sum = kernels.linear_rows(x, y, w, scale, bias, loss, grad_w)
+            loss_sum, d_sum = kernels.linear_rows(x, y, wg, scale, bias, loss)
         else:
             x = model.input(x)
             s = (x @ w + bias).requires_grad_()
