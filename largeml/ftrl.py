@@ -68,6 +68,7 @@ class FTRL(Optimizer):
             "rows": 0,  # rows learnt from: the t of λ·t
         }
         self._settled: int | None = None  # the rows learnt when settle() last wrote the model
+        self._stepped = False  # whether step_batch has called step() yet
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -92,11 +93,13 @@ class FTRL(Optimizer):
             losses = self._batch_step(model, x, y, loss_fn, alpha, beta, l2 * state["rows"],
                                       l1 * state["rows"])
         state["rows"] += y.shape[0]
-        self.step()  # so that an LR scheduler of α sees a step taken
+        if not self._stepped:  # torch's LR scheduler checks, once, that step() came first
+            self.step()  # (torch's wrappers make a call cost ~20 µs: not on every batch)
+            self._stepped = True
         return losses
 
     def step(self, closure=None) -> None:
-        """Nothing: FTRL learns in `step_batch` (which calls this)."""
+        """Nothing: FTRL learns in `step_batch` (which calls this once)."""
 
     def _batch_step(self, model: Linear, x: Tensor, y: Tensor, loss_fn, alpha: float,
                     beta: float, decay: float, shrink: float = 0.0) -> Tensor:
