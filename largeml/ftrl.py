@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largeml import kernels
+from largeml.data.stream import RowPieces
 from largeml.errors import ConfigError
 from largeml.kernels import ROOT, Z
 from largeml.models import Linear
@@ -51,6 +52,7 @@ class FTRL(Optimizer):
     """See the module docstring. `step_batch` is the step; `settle` writes the weights."""
 
     takes_batches = True  # the Trainer hands it batches, not gradients
+    reads_in_place = kernels.numba is not None  # on the CPU, RowPieces (see step_batch)
     takes_l1 = True  # regularization.l1: the paper's own L1 (exact zeros)
 
     def __init__(self, params, lr: float = 0.3, beta: float = 1.0, l2: float = 0.0,
@@ -84,9 +86,14 @@ class FTRL(Optimizer):
         scale = model.input.mult if model.input.active else None
         group = self.param_groups[0]
         alpha, beta, l2, l1 = group["lr"], group["beta"], group["l2"], group.get("l1", 0.0)
-        sparse = x.layout == torch.sparse_csr
         loss = kernels.loss_code(loss_fn)
-        if sparse and kernels.available(x) and loss is not None:
+        if isinstance(x, RowPieces) and (loss is None or kernels.numba is None):
+            x = x.csr()  # rows read in place, but for a step that wants a CSR batch
+        sparse = x.layout == torch.sparse_csr
+        if isinstance(x, RowPieces):
+            losses = kernels.ftrl_pieces(x, y, features, scale, state["bias"], alpha, beta, l2,
+                                         state["rows"], loss, l1)
+        elif sparse and kernels.available(x) and loss is not None:
             losses = kernels.ftrl_rows(x, y, features, scale, state["bias"], alpha, beta, l2,
                                        state["rows"], loss, l1)
         else:

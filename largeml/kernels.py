@@ -11,6 +11,8 @@ The plain linear score and its gradient (`csr_matvec`, `csr_rmatvec`) fall back 
 ops on CUDA and without numba (`pip install largeml[sparse]` adds it), with the same numbers.
 FTRL's compiled loop goes row by row (`ftrl_rows`), as the paper and Vowpal Wabbit do: a row's
 features are updated right after its score is read, while their state is still in the cache.
+`ftrl_pieces` is the same loop over rows read in place from the shards' memory maps
+(`largeml.data.stream.RowPieces`), which is how the Trainer streams FTRL's batches on the CPU.
 Its torch form (`ftrl_scores`, `ftrl_update`) takes
 one step per batch, for the GPU, whose threads want whole batches.
 """
@@ -66,6 +68,9 @@ if numba is not None:
     # gathers, which ran 4x slower than one load a non-zero here (a CSR dot product over
     # 40 M non-zeros: 0.25 s against 0.063 s).
     _jit = numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
+    # numba compiles each function apart; a row's step is inlined into the loops that call it
+    _jit_inline = numba.njit(cache=True, nogil=True, inline="always",
+                             fastmath={"nsz", "arcp", "contract", "afn"})
 
     @intrinsic
     def _prefetch(typingctx, array, i):  # pragma: no cover
@@ -114,6 +119,44 @@ if numba is not None:
             return max(1.0 - m, 0.0), (-t if m < 1.0 else 0.0)
         return max(1.0 - m, 0.0) ** 2, -2.0 * t * max(1.0 - m, 0.0)
 
+    @_jit_inline
+    def _ftrl_row(cols, vals, lo, hi, label, t, state, scale, scaled, bias, alpha, beta, l2, l1,
+                  loss, weights, a, inv_a):  # pragma: no cover
+        """FTRL on one row, non-zeros [lo, hi) of cols and vals, after t rows; its loss. `a` and
+        `inv_a` are α and 1/α in float32: the arithmetic over the non-zeros is float32 (the
+        state's own precision: 25 % faster a step than float64 here); a row's score and loss
+        are float64."""
+        one = np.float32(1.0)
+        decay = l2 * t
+        den = np.float32(beta + alpha * decay + TINY)  # w = −z·α / (√n + β + α·decay)
+        shrink = np.float32(l1 * t)  # L1: z soft-thresholded by λ1·t
+        s = _weight(bias[0], bias[1], alpha, beta, 0.0)
+        for i in range(lo, hi):
+            c = cols[i]
+            z = state[c, 0]
+            w = -(z - min(max(z, -shrink), shrink)) * a / (state[c, 1] + den)
+            weights[i - lo] = w
+            s += w * (scale[c] if scaled else one) * vals[i]
+        value, d = _loss(loss, s, label)
+        if d == 0.0:
+            return value  # nothing to learn from this row; its L2 is in `decay`
+        # The row's features were just read: their state is in the cache for the update.
+        # (A feature twice in a row: its second update starts from the first's state but
+        # with the weight the score was taken at, as a batch step would.)
+        d32 = np.float32(d)
+        for i in range(lo, hi):
+            c = cols[i]
+            g = d32 * (scale[c] if scaled else one) * vals[i]
+            root = state[c, 1]
+            root_new = np.sqrt(root * root + g * g)
+            state[c, 0] += g - (root_new - root) * inv_a * weights[i - lo]
+            state[c, 1] = root_new
+        w = _weight(bias[0], bias[1], alpha, beta, 0.0)
+        root_new = math.sqrt(bias[1] * bias[1] + d * d)
+        bias[0] += d - (root_new - bias[1]) / alpha * w
+        bias[1] = root_new
+        return value
+
     @_jit
     def _ftrl_rows(crow, cols, vals, y, state, scale, scaled, bias, alpha, beta, l2, l1,
                    rows_before, loss, out):  # pragma: no cover
@@ -121,42 +164,52 @@ if numba is not None:
         for r in range(len(crow) - 1):
             longest = max(longest, crow[r + 1] - crow[r])
         weights = np.empty(longest, np.float32)  # the row's weights, read once per row
-        # float32 arithmetic over the non-zeros (the state's own precision): 25 % faster a step
-        # than float64 here; a row's score and loss are float64.
-        a, inv_a, one = np.float32(alpha), np.float32(1.0 / alpha), np.float32(1.0)
+        a, inv_a = np.float32(alpha), np.float32(1.0 / alpha)
         for r in range(len(crow) - 1):
             # The next row's state is fetched while this one is learnt: 1.7x faster a step
             # here over 2 M features (16 MiB of state), the same numbers.
             _prefetch_row(crow, cols, r + 1, state)
-            decay = l2 * (rows_before + r)
-            den = np.float32(beta + alpha * decay + TINY)  # w = −z·α / (√n + β + α·decay)
-            shrink = np.float32(l1 * (rows_before + r))  # L1: z soft-thresholded by λ1·t
-            s = _weight(bias[0], bias[1], alpha, beta, 0.0)
-            lo = crow[r]
-            for i in range(lo, crow[r + 1]):
-                c = cols[i]
-                z = state[c, 0]
-                w = -(z - min(max(z, -shrink), shrink)) * a / (state[c, 1] + den)
-                weights[i - lo] = w
-                s += w * (scale[c] if scaled else one) * vals[i]
-            out[r], d = _loss(loss, s, y[r])
-            if d == 0.0:
-                continue  # nothing to learn from this row; its L2 is in `decay`
-            # The row's features were just read: their state is in the cache for the update.
-            # (A feature twice in a row: its second update starts from the first's state but
-            # with the weight the score was taken at, as a batch step would.)
-            d32 = np.float32(d)
-            for i in range(lo, crow[r + 1]):
-                c = cols[i]
-                g = d32 * (scale[c] if scaled else one) * vals[i]
-                root = state[c, 1]
-                root_new = np.sqrt(root * root + g * g)
-                state[c, 0] += g - (root_new - root) * inv_a * weights[i - lo]
-                state[c, 1] = root_new
-            w = _weight(bias[0], bias[1], alpha, beta, 0.0)
-            root_new = math.sqrt(bias[1] * bias[1] + d * d)
-            bias[0] += d - (root_new - bias[1]) / alpha * w
-            bias[1] = root_new
+            out[r] = _ftrl_row(cols, vals, crow[r], crow[r + 1], y[r], rows_before + r, state,
+                               scale, scaled, bias, alpha, beta, l2, l1, loss, weights, a, inv_a)
+
+    @intrinsic
+    def _address(typingctx, address):  # pragma: no cover
+        """The integer `address` as a pointer, for `numba.carray`: how a loop reads arrays it
+        is given by address (`_shard_arrays`), since numba's own lists of arrays compile their
+        methods anew in every process (0.2-0.5 s for each kind of array)."""
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], cgutils.voidptr_t)
+        return types.voidptr(types.intp), codegen
+
+    @_jit
+    def _shard_arrays(addresses, lengths, shard):  # pragma: no cover
+        """Shard `shard`'s indptr, indices and values, from their addresses and lengths."""
+        return (numba.carray(_address(addresses[shard, 0]), lengths[shard, 0], np.int64),
+                numba.carray(_address(addresses[shard, 1]), lengths[shard, 1], np.int32),
+                numba.carray(_address(addresses[shard, 2]), lengths[shard, 2], np.float32))
+
+    @_jit
+    def _ftrl_pieces(pieces, addresses, lengths, y, state, scale, scaled, bias, alpha, beta, l2,
+                     l1, rows_before, loss, out):  # pragma: no cover
+        # The rows of each piece (shard, first row, end row) in order, read where they lie in
+        # the shards' arrays (`RowPieces`): row k of the batch is y[k], out[k].
+        longest = 0
+        for p in range(len(pieces)):
+            indptr = _shard_arrays(addresses, lengths, pieces[p, 0])[0]
+            for r in range(pieces[p, 1], pieces[p, 2]):
+                longest = max(longest, indptr[r + 1] - indptr[r])
+        weights = np.empty(longest, np.float32)
+        a, inv_a = np.float32(alpha), np.float32(1.0 / alpha)
+        k = 0
+        for p in range(len(pieces)):
+            indptr, cols, vals = _shard_arrays(addresses, lengths, pieces[p, 0])
+            first, end = pieces[p, 1], pieces[p, 2]
+            for r in range(first, end):
+                _prefetch_row(indptr[:end + 1], cols, r + 1, state)
+                out[k] = _ftrl_row(cols, vals, indptr[r], indptr[r + 1], y[k], rows_before + k,
+                                   state, scale, scaled, bias, alpha, beta, l2, l1, loss,
+                                   weights, a, inv_a)
+                k += 1
 
     @_jit
     def _linear_rows(crow, cols, vals, y, wg, scale, scaled, bias, loss):  # pragma: no cover
@@ -239,6 +292,26 @@ def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: T
     out = torch.empty(len(y))
     _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), *_scale(scale, y), bias.numpy(), alpha,
                beta, l2, l1, rows_before, loss, out.numpy())
+    return out
+
+
+def ftrl_pieces(x, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
+                alpha: float, beta: float, l2: float, rows_before: int, loss: int,
+                l1: float = 0.0) -> Tensor:
+    """`ftrl_rows` over the rows of `x`, a `largeml.data.stream.RowPieces`, read where they lie
+    in the shards' memory maps: the same steps, the same numbers, nothing copied. Compiled
+    only."""
+    maps = x.maps
+    if maps.compiled is None:  # each shard's arrays by address and length, for the loop
+        arrays = [(maps.indptr[s], maps.indices[s], maps.values[s]) for s in range(len(maps.y))]
+        for three in arrays:
+            assert [a.dtype for a in three] == [np.int64, np.int32, np.float32], three
+            assert all(a.flags.c_contiguous for a in three)
+        maps.compiled = (np.array([[a.ctypes.data for a in three] for three in arrays], np.intp),
+                         np.array([[len(a) for a in three] for three in arrays], np.intp))
+    out = torch.empty(len(y))
+    _ftrl_pieces(x.pieces, *maps.compiled, y.numpy(), state.numpy(), *_scale(scale, y),
+                 bias.numpy(), alpha, beta, l2, l1, rows_before, loss, out.numpy())
     return out
 
 

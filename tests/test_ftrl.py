@@ -12,6 +12,7 @@ import torch
 
 from largeml import auto, kernels, objective
 from largeml.data.sources import files
+from largeml.data.stream import RowPieces, ShardStream
 from largeml.errors import ConfigError
 from largeml.ftrl import FTRL
 from largeml.losses import bce, hinge, squared_hinge
@@ -253,3 +254,30 @@ def test_the_compiled_objective_is_the_autograd_one(loss_fn, scaled):
     f = full().item()
     g = torch.cat([p.grad.reshape(-1) for p in full.params]).norm().item()
     assert fast == pytest.approx((f, g), rel=1e-5)
+
+
+@needs_numba
+def test_rows_read_in_place_are_learnt_as_the_rows_read(tmp_path):
+    """FTRL on a stream's RowPieces (its rows read where they lie in the shards' memory maps)
+    takes the very steps it takes on the same batches read as CSR tensors, bit for bit."""
+    stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=256,
+                         shuffle=True, seed=2)
+
+    def learn(in_place: bool) -> list[torch.Tensor]:
+        stream.in_place = in_place
+        model = Linear(300)
+        model.input.set(torch.zeros(300), torch.linspace(0.5, 2.0, 300))
+        optimizer = FTRL(model.parameters(), l2=1e-3, l1=1e-4)
+        losses = []
+        for epoch in range(2):
+            stream.set_epoch(epoch)
+            for x, y in stream:
+                assert isinstance(x, RowPieces) == in_place
+                losses.append(optimizer.step_batch(model, x, y, bce))
+        optimizer.settle()
+        state = optimizer.state["ftrl"]
+        return [torch.cat(losses), state["features"], state["bias"], model.linear.weight]
+
+    read, placed = learn(False), learn(True)
+    for a, b in zip(read, placed, strict=True):
+        assert torch.equal(a, b)

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from largeml.data.shards import ShardWriter
-from largeml.data.stream import ShardStream
+from largeml.data.stream import RowPieces, ShardStream
 from largeml.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -159,3 +159,27 @@ def test_a_batch_mixes_every_block_of_its_group(datasets, layout):
         rows = bx[:, 0].long() - 1
         assert {int(r) // 32 for r in rows} == first_group
         assert len(rows) == 32 and (rows.diff() != 1).sum() <= 4 + 3  # a run may wrap a block
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_batches_in_place_are_the_batches_read(datasets, shuffle):
+    """With `in_place`, a sparse stream yields each batch as RowPieces, where its rows lie in
+    the shards: the same rows in the same order as the CSR batch read for it, the same labels,
+    across shard boundaries and from a resumed position."""
+    root, _, _ = datasets
+    stream = ShardStream(root / "sparse", batch_size=32, shuffle=shuffle, seed=1, shuffle_blocks=4)
+    stream.set_epoch(3)
+    read = list(stream)
+    stream.in_place = True
+    for start in (0, 5):
+        stream.set_epoch(3, start_batch=start)
+        placed = list(stream)
+        assert len(placed) == len(read) - start
+        for (x, y), (pieces, labels) in zip(read[start:], placed, strict=True):
+            assert isinstance(pieces, RowPieces) and pieces.shape == tuple(x.shape)
+            assert pieces.to("cpu") is pieces
+            assert torch.equal(pieces.csr().to_dense(), x.to_dense())
+            assert torch.equal(labels, y)
+    shards = {int(shard) for pieces, _ in placed for shard in pieces.pieces[:, 0]}
+    assert len(shards) > 1  # the rows of one batch come from several shards
+    assert any(len({int(s) for s in pieces.pieces[:, 0]}) > 1 for pieces, _ in placed)

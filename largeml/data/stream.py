@@ -22,9 +22,13 @@ So every rank yields the same number of batches per epoch, and the position in a
 the number of batches done: `set_epoch(epoch, start_batch=k)` skips the first k by arithmetic.
 
 Batches are prepared by a thread one ahead of the consumer (`preadv` and torch ops release the
-GIL), so reading overlaps training. Why chunks and not a row permutation for dense data: on a
-2-core VM a random gather of 4096 rows out of a 32 MiB buffer ran at ~5 GB/s, a third of one
-streaming read, and writing the buffer first cost a second pass; chunks cost neither.
+GIL), so reading overlaps training. Or, with `in_place` (which the Trainer sets for a learner
+that reads CSR rows one at a time on the CPU: FTRL's compiled loop), nothing is read: a batch is
+`RowPieces`, where its rows lie in the shards' memory maps, and the learner reads them there.
+
+Why chunks and not a row permutation for dense data: on a 2-core VM a random gather of 4096 rows
+out of a 32 MiB buffer ran at ~5 GB/s, a third of one streaming read, and writing the buffer
+first cost a second pass; chunks cost neither.
 """
 
 import bisect
@@ -87,6 +91,10 @@ class ShardStream(IterableDataset):
         self.epoch, self.start_batch = 0, 0
         self.classes = classes
         self.label_map = None if classes is None else classes.label_map(self.index.stored_labels)
+        # Batches as RowPieces, read in place (sparse shards, in this process; see the module
+        # docstring), and the memory maps they read, opened on the first such epoch.
+        self.in_place = False
+        self.maps: ShardMaps | None = None
 
     def __len__(self) -> int:
         return self.n_blocks
@@ -104,6 +112,9 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
+        if self.in_place and self.sparse and info is None:
+            yield from self._in_place()
+            return
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         # A DataLoader takes batches from its workers round-robin, starting with worker 0, also
         # when resuming. So batch k of the epoch is served by lane k % n_workers, and this worker
@@ -134,6 +145,19 @@ class ShardStream(IterableDataset):
     def _read(self, reader: "_DenseReader | _SparseReader", runs: Runs) -> Batch:
         x, y = reader.batch(runs)
         return x, (y if self.label_map is None else self.label_map(y))
+
+    def _in_place(self) -> Iterator[tuple["RowPieces", Tensor]]:
+        """This epoch's batches (one lane: all of them, from start_batch on) as RowPieces, with
+        their labels (the only bytes copied: 4 a row)."""
+        if self.maps is None:
+            self.maps = ShardMaps(self.index)
+        for runs in self.lane_runs(0, 1):
+            pieces = np.array([piece for first, rows in runs for piece in self.pieces(first, rows)],
+                              np.int64).reshape(-1, 3)
+            y = torch.from_numpy(np.concatenate([self.maps.y[shard][lo:hi]
+                                                 for shard, lo, hi in pieces]))
+            yield (RowPieces(pieces, self.maps, self.n_features),
+                   y if self.label_map is None else self.label_map(y))
 
     def lane_runs(self, lane: int, n_workers: int) -> Iterator[Runs]:
         """The runs of each batch that lane `lane` of `n_workers` serves this epoch, from its
@@ -335,3 +359,54 @@ class _SparseReader:
 
     def close(self) -> None:
         self.files.close()
+
+
+class ShardMaps:
+    """The sparse shards' arrays, memory-mapped read-only (each file's size and CRC-32 checked
+    first, as for any read): `indptr[s]`, `indices[s]`, `values[s]`, `y[s]` of shard s. Their
+    pages are the page cache's, shared and reclaimable: nothing is held in this process's own
+    memory. `compiled` is free for `largeml.kernels` to keep its own view of them in."""
+
+    def __init__(self, index: ShardIndex) -> None:
+        def mapped(kind: str) -> list[np.ndarray]:
+            return [np.asarray(np.load(index.checked_path(shard, kind), mmap_mode="r"))
+                    for shard in index.shards]
+        self.indptr, self.indices, self.values, self.y = (
+            mapped(kind) for kind in ("indptr", "indices", "values", "y"))
+        self.compiled: object = None
+
+
+class RowPieces:
+    """A batch of CSR rows where they lie in a stream's shards: rows [first, end) of shard s for
+    each (s, first, end) row of `pieces`, in that order, in `maps` (`ShardMaps`). What
+    `ShardStream.in_place` yields in place of a CSR tensor: for a learner that reads the rows
+    itself (`largeml.kernels.ftrl_pieces`). `csr()` builds the very CSR tensor the stream
+    would have read; `to(device)` is this batch on the CPU, its CSR tensor on another."""
+
+    layout = "row pieces"
+
+    def __init__(self, pieces: np.ndarray, maps: ShardMaps, n_features: int) -> None:
+        self.pieces, self.maps = pieces, maps
+        self.shape = (int((pieces[:, 2] - pieces[:, 1]).sum()), n_features)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "RowPieces | Tensor":
+        if torch.device(device).type == "cpu":
+            return self
+        return self.csr().to(device, non_blocking=non_blocking)
+
+    def csr(self) -> Tensor:
+        m = self.maps
+        ptrs = [m.indptr[s][lo:hi + 1] for s, lo, hi in self.pieces]
+        nnz = np.cumsum([0] + [int(p[-1] - p[0]) for p in ptrs])
+        crow = np.concatenate([[0]] + [p[1:] - p[0] + at for p, at in zip(ptrs, nnz, strict=False)])
+        cols = [m.indices[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
+        vals = [m.values[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(crow.astype(np.int32)),
+                torch.from_numpy(np.concatenate(cols)), torch.from_numpy(np.concatenate(vals)),
+                size=self.shape, check_invariants=False)
