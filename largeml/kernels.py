@@ -68,9 +68,6 @@ if numba is not None:
     # gathers, which ran 4x slower than one load a non-zero here (a CSR dot product over
     # 40 M non-zeros: 0.25 s against 0.063 s).
     _jit = numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
-    # numba compiles each function apart; a row's step is inlined into the loops that call it
-    _jit_inline = numba.njit(cache=True, nogil=True, inline="always",
-                             fastmath={"nsz", "arcp", "contract", "afn"})
 
     @intrinsic
     def _prefetch(typingctx, array, i):  # pragma: no cover
@@ -119,59 +116,6 @@ if numba is not None:
             return max(1.0 - m, 0.0), (-t if m < 1.0 else 0.0)
         return max(1.0 - m, 0.0) ** 2, -2.0 * t * max(1.0 - m, 0.0)
 
-    @_jit_inline
-    def _ftrl_row(cols, vals, lo, hi, label, t, state, scale, scaled, bias, alpha, beta, l2, l1,
-                  loss, weights, a, inv_a):  # pragma: no cover
-        """FTRL on one row, non-zeros [lo, hi) of cols and vals, after t rows; its loss. `a` and
-        `inv_a` are α and 1/α in float32: the arithmetic over the non-zeros is float32 (the
-        state's own precision: 25 % faster a step than float64 here); a row's score and loss
-        are float64."""
-        one = np.float32(1.0)
-        decay = l2 * t
-        den = np.float32(beta + alpha * decay + TINY)  # w = −z·α / (√n + β + α·decay)
-        shrink = np.float32(l1 * t)  # L1: z soft-thresholded by λ1·t
-        s = _weight(bias[0], bias[1], alpha, beta, 0.0)
-        for i in range(lo, hi):
-            c = cols[i]
-            z = state[c, 0]
-            w = -(z - min(max(z, -shrink), shrink)) * a / (state[c, 1] + den)
-            weights[i - lo] = w
-            s += w * (scale[c] if scaled else one) * vals[i]
-        value, d = _loss(loss, s, label)
-        if d == 0.0:
-            return value  # nothing to learn from this row; its L2 is in `decay`
-        # The row's features were just read: their state is in the cache for the update.
-        # (A feature twice in a row: its second update starts from the first's state but
-        # with the weight the score was taken at, as a batch step would.)
-        d32 = np.float32(d)
-        for i in range(lo, hi):
-            c = cols[i]
-            g = d32 * (scale[c] if scaled else one) * vals[i]
-            root = state[c, 1]
-            root_new = np.sqrt(root * root + g * g)
-            state[c, 0] += g - (root_new - root) * inv_a * weights[i - lo]
-            state[c, 1] = root_new
-        w = _weight(bias[0], bias[1], alpha, beta, 0.0)
-        root_new = math.sqrt(bias[1] * bias[1] + d * d)
-        bias[0] += d - (root_new - bias[1]) / alpha * w
-        bias[1] = root_new
-        return value
-
-    @_jit
-    def _ftrl_rows(crow, cols, vals, y, state, scale, scaled, bias, alpha, beta, l2, l1,
-                   rows_before, loss, out):  # pragma: no cover
-        longest = 0
-        for r in range(len(crow) - 1):
-            longest = max(longest, crow[r + 1] - crow[r])
-        weights = np.empty(longest, np.float32)  # the row's weights, read once per row
-        a, inv_a = np.float32(alpha), np.float32(1.0 / alpha)
-        for r in range(len(crow) - 1):
-            # The next row's state is fetched while this one is learnt: 1.7x faster a step
-            # here over 2 M features (16 MiB of state), the same numbers.
-            _prefetch_row(crow, cols, r + 1, state)
-            out[r] = _ftrl_row(cols, vals, crow[r], crow[r + 1], y[r], rows_before + r, state,
-                               scale, scaled, bias, alpha, beta, l2, l1, loss, weights, a, inv_a)
-
     @intrinsic
     def _address(typingctx, address):  # pragma: no cover
         """The integer `address` as a pointer, for `numba.carray`: how a loop reads arrays it
@@ -191,25 +135,56 @@ if numba is not None:
     @_jit
     def _ftrl_pieces(pieces, addresses, lengths, y, state, scale, scaled, bias, alpha, beta, l2,
                      l1, rows_before, loss, out):  # pragma: no cover
-        # The rows of each piece (shard, first row, end row) in order, read where they lie in
-        # the shards' arrays (`RowPieces`): row k of the batch is y[k], out[k].
+        # FTRL on the rows of each piece (shard, first row, end row) in order, where they lie in
+        # the shards' arrays (`_shard_arrays`): row k of the batch is y[k], out[k].
         longest = 0
         for p in range(len(pieces)):
             indptr = _shard_arrays(addresses, lengths, pieces[p, 0])[0]
             for r in range(pieces[p, 1], pieces[p, 2]):
                 longest = max(longest, indptr[r + 1] - indptr[r])
-        weights = np.empty(longest, np.float32)
-        a, inv_a = np.float32(alpha), np.float32(1.0 / alpha)
+        weights = np.empty(longest, np.float32)  # the row's weights, read once per row
+        # float32 arithmetic over the non-zeros (the state's own precision): 25 % faster a step
+        # than float64 here; a row's score and loss are float64.
+        a, inv_a, one = np.float32(alpha), np.float32(1.0 / alpha), np.float32(1.0)
         k = 0
         for p in range(len(pieces)):
             indptr, cols, vals = _shard_arrays(addresses, lengths, pieces[p, 0])
-            first, end = pieces[p, 1], pieces[p, 2]
-            for r in range(first, end):
-                _prefetch_row(indptr[:end + 1], cols, r + 1, state)
-                out[k] = _ftrl_row(cols, vals, indptr[r], indptr[r + 1], y[k], rows_before + k,
-                                   state, scale, scaled, bias, alpha, beta, l2, l1, loss,
-                                   weights, a, inv_a)
+            rows = indptr[:pieces[p, 2] + 1]  # the piece's rows, and none after them
+            for r in range(pieces[p, 1], pieces[p, 2]):
+                # The next row's state is fetched while this one is learnt: 1.7x faster a step
+                # here over 2 M features (16 MiB of state), the same numbers.
+                _prefetch_row(rows, cols, r + 1, state)
+                t = rows_before + k
+                decay = l2 * t
+                den = np.float32(beta + alpha * decay + TINY)  # w = −z·α / (√n + β + α·decay)
+                shrink = np.float32(l1 * t)  # L1: z soft-thresholded by λ1·t
+                s = _weight(bias[0], bias[1], alpha, beta, 0.0)
+                lo, hi = indptr[r], indptr[r + 1]
+                for i in range(lo, hi):
+                    c = cols[i]
+                    z = state[c, 0]
+                    w = -(z - min(max(z, -shrink), shrink)) * a / (state[c, 1] + den)
+                    weights[i - lo] = w
+                    s += w * (scale[c] if scaled else one) * vals[i]
+                out[k], d = _loss(loss, s, y[k])
                 k += 1
+                if d == 0.0:
+                    continue  # nothing to learn from this row; its L2 is in `decay`
+                # The row's features were just read: their state is in the cache for the
+                # update. (A feature twice in a row: its second update starts from the first's
+                # state but with the weight the score was taken at, as a batch step would.)
+                d32 = np.float32(d)
+                for i in range(lo, hi):
+                    c = cols[i]
+                    g = d32 * (scale[c] if scaled else one) * vals[i]
+                    root = state[c, 1]
+                    root_new = np.sqrt(root * root + g * g)
+                    state[c, 0] += g - (root_new - root) * inv_a * weights[i - lo]
+                    state[c, 1] = root_new
+                w = _weight(bias[0], bias[1], alpha, beta, 0.0)
+                root_new = math.sqrt(bias[1] * bias[1] + d * d)
+                bias[0] += d - (root_new - bias[1]) / alpha * w
+                bias[1] = root_new
 
     @_jit
     def _linear_rows(crow, cols, vals, y, wg, scale, scaled, bias, loss):  # pragma: no cover
@@ -283,15 +258,28 @@ def ftrl_step(z, root, g, w, alpha: float):
     return z + g - (root_new - root) / alpha * w, root_new
 
 
+def _addressed(shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple:
+    """(addresses, lengths): each shard's (indptr, indices, values) arrays by address and
+    length, as `_ftrl_pieces` reads them. The arrays must outlive the loop's use of them."""
+    for arrays in shards:
+        assert [a.dtype for a in arrays] == [np.int64, np.int32, np.float32], arrays
+        assert all(a.flags.c_contiguous for a in arrays)
+    return (np.array([[a.ctypes.data for a in arrays] for arrays in shards], np.intp),
+            np.array([[len(a) for a in arrays] for arrays in shards], np.intp))
+
+
 def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
               alpha: float, beta: float, l2: float, rows_before: int, loss: int,
               l1: float = 0.0) -> Tensor:
     """FTRL over the rows of CSR batch `x` one at a time (each row's score, its loss `loss`, its
     update), as the paper and Vowpal Wabbit do; returns the rows' losses. `scale`: the
     features' scales (None: all 1). Compiled only."""
+    crow, cols, vals = _parts(x)
+    arrays = (crow.astype(np.int64), cols, vals)  # one piece: all rows of one "shard"
     out = torch.empty(len(y))
-    _ftrl_rows(*_parts(x), y.numpy(), state.numpy(), *_scale(scale, y), bias.numpy(), alpha,
-               beta, l2, l1, rows_before, loss, out.numpy())
+    _ftrl_pieces(np.array([[0, 0, len(y)]], np.int64), *_addressed([arrays]), y.numpy(),
+                 state.numpy(), *_scale(scale, y), bias.numpy(), alpha, beta, l2, l1,
+                 rows_before, loss, out.numpy())
     return out
 
 
@@ -299,16 +287,12 @@ def ftrl_pieces(x, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
                 alpha: float, beta: float, l2: float, rows_before: int, loss: int,
                 l1: float = 0.0) -> Tensor:
     """`ftrl_rows` over the rows of `x`, a `largeml.data.stream.RowPieces`, read where they lie
-    in the shards' memory maps: the same steps, the same numbers, nothing copied. Compiled
+    in the shards' memory maps: the same loop, the same numbers, nothing copied. Compiled
     only."""
     maps = x.maps
-    if maps.compiled is None:  # each shard's arrays by address and length, for the loop
-        arrays = [(maps.indptr[s], maps.indices[s], maps.values[s]) for s in range(len(maps.y))]
-        for three in arrays:
-            assert [a.dtype for a in three] == [np.int64, np.int32, np.float32], three
-            assert all(a.flags.c_contiguous for a in three)
-        maps.compiled = (np.array([[a.ctypes.data for a in three] for three in arrays], np.intp),
-                         np.array([[len(a) for a in three] for three in arrays], np.intp))
+    if maps.compiled is None:  # the shards' arrays by address, found once per stream
+        maps.compiled = _addressed(list(zip(maps.indptr, maps.indices, maps.values,
+                                            strict=True)))
     out = torch.empty(len(y))
     _ftrl_pieces(x.pieces, *maps.compiled, y.numpy(), state.numpy(), *_scale(scale, y),
                  bias.numpy(), alpha, beta, l2, l1, rows_before, loss, out.numpy())

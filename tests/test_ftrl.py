@@ -16,6 +16,7 @@ from largeml.data.stream import RowPieces, ShardStream
 from largeml.errors import ConfigError
 from largeml.ftrl import FTRL
 from largeml.losses import bce, hinge, squared_hinge
+from largeml.losses import weighted as weighted_loss
 from largeml.models import Linear
 from largeml.solvers import Newton
 
@@ -257,9 +258,12 @@ def test_the_compiled_objective_is_the_autograd_one(loss_fn, scaled):
 
 
 @needs_numba
-def test_rows_read_in_place_are_learnt_as_the_rows_read(tmp_path):
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rows_read_in_place_are_learnt_as_the_rows_read(tmp_path, weighted):
     """FTRL on a stream's RowPieces (its rows read where they lie in the shards' memory maps)
-    takes the very steps it takes on the same batches read as CSR tensors, bit for bit."""
+    takes the very steps it takes on the same batches read as CSR tensors, bit for bit; also
+    for a loss its compiled loop does not know (class weights), which takes the CSR batch."""
+    loss_fn = weighted_loss(bce, torch.tensor([1.0, 3.0])) if weighted else bce
     stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=256,
                          shuffle=True, seed=2)
 
@@ -268,15 +272,15 @@ def test_rows_read_in_place_are_learnt_as_the_rows_read(tmp_path):
         model = Linear(300)
         model.input.set(torch.zeros(300), torch.linspace(0.5, 2.0, 300))
         optimizer = FTRL(model.parameters(), l2=1e-3, l1=1e-4)
-        losses = []
+        steps = []
         for epoch in range(2):
             stream.set_epoch(epoch)
             for x, y in stream:
                 assert isinstance(x, RowPieces) == in_place
-                losses.append(optimizer.step_batch(model, x, y, bce))
+                steps.append(optimizer.step_batch(model, x, y, loss_fn))
         optimizer.settle()
         state = optimizer.state["ftrl"]
-        return [torch.cat(losses), state["features"], state["bias"], model.linear.weight]
+        return [torch.cat(steps), state["features"], state["bias"], model.linear.weight]
 
     read, placed = learn(False), learn(True)
     for a, b in zip(read, placed, strict=True):
