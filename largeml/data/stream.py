@@ -365,7 +365,11 @@ class ShardMaps:
     """The sparse shards' arrays, memory-mapped read-only (each file's size and CRC-32 checked
     first, as for any read): `indptr[s]`, `indices[s]`, `values[s]`, `y[s]` of shard s. Their
     pages are the page cache's, shared and reclaimable: nothing is held in this process's own
-    memory. `compiled` is free for `largeml.kernels` to keep its own view of them in."""
+    memory. (largeml never writes into a finished shard directory: it removes one and renames
+    a new one into place, and a removed file stays whole for the maps that hold it. A shard
+    cut short by hand while mapped ends the process with SIGBUS, as for any memory map; the
+    last checkpoint stays intact.) `compiled` is free for `largeml.kernels` to keep its own
+    view of them in."""
 
     def __init__(self, index: ShardIndex) -> None:
         def mapped(kind: str) -> list[np.ndarray]:
