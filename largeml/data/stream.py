@@ -405,7 +405,8 @@ class RowPieces:
         m = self.maps
         ptrs = [m.indptr[s][lo:hi + 1] for s, lo, hi in self.pieces]
         nnz = np.cumsum([0] + [int(p[-1] - p[0]) for p in ptrs])
-        crow = np.concatenate([[0]] + [p[1:] - p[0] + at for p, at in zip(ptrs, nnz, strict=False)])
+        crow = np.concatenate([[0]] + [p[1:] - p[0] + at
+                                       for p, at in zip(ptrs, nnz[:-1], strict=True)])
         cols = [m.indices[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
         vals = [m.values[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
         with warnings.catch_warnings():
