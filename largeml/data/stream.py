@@ -345,20 +345,24 @@ class _SparseReader:
             self.files.pread(shard, "y", y[row:row + hi - lo], lo)
             crow[row + 1:row + hi - lo + 1] = ptr[1:] - ptr[0] + at
             row, at = row + hi - lo, at + n
-        # int32 row pointers to match the int32 column indices (a batch holds < 2^31 non-zeros).
-        crow, y = torch.from_numpy(crow.astype(np.int32)), torch.from_numpy(y)
-        # Indices were range-checked when the shards were written, and the files' checksums
-        # when first read (so a damaged byte is not an index); re-checking every batch would
-        # cost a pass over it. PyTorch warns that CSR support is "beta" at each build.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            x = torch.sparse_csr_tensor(crow, torch.from_numpy(indices), torch.from_numpy(values),
-                                        size=(len(y), self.stream.n_features),
-                                        check_invariants=False)
-        return x, y
+        return _csr(crow, indices, values, self.stream.n_features), torch.from_numpy(y)
 
     def close(self) -> None:
         self.files.close()
+
+
+def _csr(crow: np.ndarray, indices: np.ndarray, values: np.ndarray, n_features: int) -> Tensor:
+    """A CSR batch of shards' rows: row pointers `crow` (from 0), their column indices and
+    values, `n_features` wide."""
+    # int32 row pointers to match the int32 column indices (a batch holds < 2^31 non-zeros).
+    # Indices were range-checked when the shards were written, and the files' checksums when
+    # first read (so a damaged byte is not an index); re-checking every batch would cost a pass
+    # over it. PyTorch warns that CSR support is "beta" at each build.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow.astype(np.int32)),
+                                       torch.from_numpy(indices), torch.from_numpy(values),
+                                       size=(len(crow) - 1, n_features), check_invariants=False)
 
 
 class ShardMaps:
@@ -409,9 +413,4 @@ class RowPieces:
                                        for p, at in zip(ptrs, nnz[:-1], strict=True)])
         cols = [m.indices[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
         vals = [m.values[s][p[0]:p[-1]] for (s, _, _), p in zip(self.pieces, ptrs, strict=True)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(crow.astype(np.int32)),
-                torch.from_numpy(np.concatenate(cols)), torch.from_numpy(np.concatenate(vals)),
-                size=self.shape, check_invariants=False)
+        return _csr(crow, np.concatenate(cols), np.concatenate(vals), self.shape[1])
