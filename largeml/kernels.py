@@ -12,7 +12,9 @@ ops on CUDA and without numba (`pip install largeml[sparse]` adds it), with the 
 FTRL's compiled loop goes row by row (`ftrl_rows`), as the paper and Vowpal Wabbit do: a row's
 features are updated right after its score is read, while their state is still in the cache.
 `ftrl_pieces` is the same loop over rows read in place from the shards' memory maps
-(`largeml.data.stream.RowPieces`), which is how the Trainer streams FTRL's batches on the CPU.
+(`largeml.data.stream.RowPieces`), which is how the Trainer streams FTRL's batches on the CPU;
+`linear_pieces` sums f and ∇f over such rows for the objective pass, on every core (numba's
+`prange`, each core its own rows and its own gradient).
 Its torch form (`ftrl_scores`, `ftrl_update`) takes
 one step per batch, for the GPU, whose threads want whole batches.
 """
@@ -68,6 +70,8 @@ if numba is not None:
     # gathers, which ran 4x slower than one load a non-zero here (a CSR dot product over
     # 40 M non-zeros: 0.25 s against 0.063 s).
     _jit = numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn"})
+    _jit_lanes = numba.njit(cache=True, nogil=True, parallel=True,
+                            fastmath={"nsz", "arcp", "contract", "afn"})
 
     @intrinsic
     def _prefetch(typingctx, array, i):  # pragma: no cover
@@ -208,6 +212,59 @@ if numba is not None:
         return total, bias_grad
 
     @_jit
+    def _rows_of(pieces, n):  # pragma: no cover
+        """Row k of a batch of pieces as (shard, row): where[k]."""
+        where = np.empty((n, 2), np.int64)
+        k = 0
+        for p in range(len(pieces)):
+            for r in range(pieces[p, 1], pieces[p, 2]):
+                where[k, 0], where[k, 1] = pieces[p, 0], r
+                k += 1
+        return where
+
+    @_jit_lanes
+    def _linear_pieces(pieces, addresses, lengths, y, wg, scale, scaled, bias, loss,
+                       sums):  # pragma: no cover
+        # `_linear_rows` over the rows of pieces (as `_ftrl_pieces` reads them), split among
+        # the lanes, one a thread: lane l takes the l-th of len(wg) runs of the batch's rows,
+        # with wg[l] its own copy of w beside its own gradient (one cache line a non-zero, as
+        # in `_linear_rows`), and adds its loss sum and its bias gradient into sums[l]. No
+        # lane writes what another reads.
+        n = len(y)
+        lanes = wg.shape[0]
+        where = _rows_of(pieces, n)
+        for lane in numba.prange(lanes):
+            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            own = wg[lane]
+            total, bias_grad = 0.0, 0.0
+            shard = where[min(lo_k, n - 1), 0]
+            indptr, cols, vals = _shard_arrays(addresses, lengths, shard)
+            for k in range(lo_k, hi_k):
+                if where[k, 0] != shard:  # the next piece
+                    shard = where[k, 0]
+                    indptr, cols, vals = _shard_arrays(addresses, lengths, shard)
+                if k + 1 < hi_k:
+                    if where[k + 1, 0] == shard:
+                        _prefetch_row(indptr, cols, where[k + 1, 1], own)
+                    else:
+                        nxt = _shard_arrays(addresses, lengths, where[k + 1, 0])
+                        _prefetch_row(nxt[0], nxt[1], where[k + 1, 1], own)
+                r = where[k, 1]
+                s = bias
+                for i in range(indptr[r], indptr[r + 1]):
+                    c = cols[i]
+                    s += own[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
+                value, d = _loss(loss, s, y[k])
+                total += value
+                bias_grad += d
+                if d != 0.0:
+                    for i in range(indptr[r], indptr[r + 1]):
+                        c = cols[i]
+                        own[c, 1] += d * (scale[c] if scaled else 1.0) * vals[i]
+            sums[lane, 0] += total
+            sums[lane, 1] += bias_grad
+
+    @_jit
     def _csr_matvec(crow, cols, vals, w, scale, scaled, bias, out):  # pragma: no cover
         for r in range(len(crow) - 1):
             _prefetch_row(crow, cols, r + 1, w)
@@ -268,6 +325,14 @@ def _addressed(shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple
             np.array([[len(a) for a in arrays] for arrays in shards], np.intp))
 
 
+def _compiled_maps(maps) -> tuple:
+    """`_addressed` for a stream's `ShardMaps`, found once per stream."""
+    if maps.compiled is None:
+        maps.compiled = _addressed(list(zip(maps.indptr, maps.indices, maps.values,
+                                            strict=True)))
+    return maps.compiled
+
+
 def ftrl_rows(x: Tensor, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
               alpha: float, beta: float, l2: float, rows_before: int, loss: int,
               l1: float = 0.0) -> Tensor:
@@ -289,12 +354,8 @@ def ftrl_pieces(x, y: Tensor, state: Tensor, scale: Tensor | None, bias: Tensor,
     """`ftrl_rows` over the rows of `x`, a `largeml.data.stream.RowPieces`, read where they lie
     in the shards' memory maps: the same loop, the same numbers, nothing copied. Compiled
     only."""
-    maps = x.maps
-    if maps.compiled is None:  # the shards' arrays by address, found once per stream
-        maps.compiled = _addressed(list(zip(maps.indptr, maps.indices, maps.values,
-                                            strict=True)))
     out = torch.empty(len(y))
-    _ftrl_pieces(x.pieces, *maps.compiled, y.numpy(), state.numpy(), *_scale(scale, y),
+    _ftrl_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), state.numpy(), *_scale(scale, y),
                  bias.numpy(), alpha, beta, l2, l1, rows_before, loss, out.numpy())
     return out
 
@@ -333,6 +394,17 @@ def linear_rows(x: Tensor, y: Tensor, wg: Tensor, scale: Tensor | None, bias: fl
     column 0, read, beside the gradient in column 1, added to. One pass over the non-zeros.
     Compiled only (see `available`)."""
     return _linear_rows(*_parts(x), y.numpy(), wg.numpy(), *_scale(scale, y), bias, loss)
+
+
+def linear_pieces(x, y: Tensor, wg: Tensor, scale: Tensor | None, bias: float, loss: int,
+                  sums: np.ndarray) -> None:
+    """`linear_rows` over the rows of `x`, a `largeml.data.stream.RowPieces`, read where they
+    lie, in `len(wg)` lanes side by side: `wg` is (lanes, n_features, 2), each lane's w
+    beside its gradient, added to; each lane adds its loss sum and its Σ ∂loss/∂bias into
+    `sums[lane]`. The same sums as one lane, but for the order of the additions. Compiled
+    only."""
+    _linear_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), wg.numpy(), *_scale(scale, y),
+                   bias, loss, sums)
 
 
 def csr_matvec(x: Tensor, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:

@@ -12,6 +12,7 @@ takes the same ones; only rank 0 writes logs, metrics and checkpoints.
 
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -144,6 +145,14 @@ class Trainer:
                     device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
         self.loss_fn = loss_fn = on_device(loss_fn, self.device)  # class weights, once
+        # The objective pass of a linear model over sparse shards, on the CPU, reads its rows
+        # in place too, split among this process's cores (`objective._linear_value`).
+        self.objective_lanes = 0  # 0: the pass reads batches as it would for any model
+        if (self.device.type == "cpu" and data.num_workers == 0 and data.sparse
+                and hasattr(data.train_eval, "batches_in_place")
+                and objective.compiled(self.module, self.loss_fn) is not None):
+            self.objective_lanes = max(1, len(os.sched_getaffinity(0))
+                                       // self.processes.local_world_size)
         # What the solver minimises: the loss itself, or for a full-batch solver a twice
         # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
         self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
@@ -432,9 +441,12 @@ class Trainer:
                 self.module, self.loss_fn, self.held, self.l2, self.data.n_train,
                 reduce=distributed.sum_, l1=self.l1)[0]  # a smoothed hinge: the hinge's f
         else:  # one more pass over the training set, forward and backward, updating nothing
-            f, g = objective.value(self.module, self.loss_fn, self._loader(self.data.train_eval),
-                                   self.l2, self.data.n_train, gradient=True,
-                                   reduce=distributed.sum_, device=self.device, l1=self.l1)
+            lanes = self.objective_lanes
+            rows = (self.data.train_eval.batches_in_place() if lanes
+                    else self._loader(self.data.train_eval))
+            f, g = objective.value(self.module, self.loss_fn, rows, self.l2, self.data.n_train,
+                                   gradient=True, reduce=distributed.sum_, device=self.device,
+                                   l1=self.l1, lanes=max(lanes, 1))
             self.solver_objective = f
         if not math.isfinite(f):
             raise self._diverged(f"training objective is {f}")

@@ -4,6 +4,7 @@ dense algebra, the batch form on CSR against dense batches, FTRL's fixed point a
 documented objective's optimum, and its state through a checkpoint."""
 
 import functools
+import os
 import warnings
 
 import numpy as np
@@ -285,3 +286,51 @@ def test_rows_read_in_place_are_learnt_as_the_rows_read(tmp_path, weighted):
     read, placed = learn(False), learn(True)
     for a, b in zip(read, placed, strict=True):
         assert torch.equal(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("loss_fn", [bce, hinge])
+def test_the_objective_over_rows_read_in_place_is_the_objective(tmp_path, loss_fn):
+    """objective.value over a stream's RowPieces, in one lane or several side by side, is f and
+    ‖∇f‖ over the same batches read as CSR tensors: in one lane bit for bit (the same sums in
+    the same order), in more up to the order of the additions."""
+    stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=512,
+                         shuffle=False)  # 15 shards of 100 rows: pieces of several shards
+    model = Linear(300)
+    torch.nn.init.normal_(model.linear.weight, std=0.5)
+    torch.nn.init.constant_(model.linear.bias, -0.2)
+    model.input.set(torch.zeros(300), torch.linspace(0.5, 2.0, 300))
+    read = objective.value(model, loss_fn, stream, 1e-3, 1500, gradient=True)
+    for lanes in (1, 2, 3):
+        placed = objective.value(model, loss_fn, stream.batches_in_place(), 1e-3, 1500,
+                                 gradient=True, lanes=lanes)
+        if lanes == 1:
+            assert placed == read
+        else:
+            assert placed == pytest.approx(read, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@needs_numba
+def test_the_trainers_objective_pass_reads_its_rows_in_place(tmp_path):
+    """On the CPU, FTRL's run over sparse shards measures f with the rows read in place, in a
+    lane a core, and measures the f it measures with the rows read as CSR tensors."""
+    from largeml.schedules import constant
+    from largeml.trainer import Trainer
+
+    data = files(str(write_sparse_shards(tmp_path / "train", 1500, 300)), batch_size=256)
+
+    def run(lanes: int | None) -> dict:
+        trainer = Trainer(model=Linear(300), data=data, loss_fn=bce,
+                          optimizer=functools.partial(FTRL), scheduler=constant, l2=1e-3,
+                          run_dir=tmp_path / f"run-{lanes}", config={}, hparams={},
+                          device="cpu", max_epochs=3)
+        assert trainer.objective_lanes == len(os.sched_getaffinity(0))
+        if lanes is not None:
+            trainer.objective_lanes = lanes  # 0: read as CSR tensors
+        return trainer.fit()
+
+    read, placed = run(0), run(None)
+    assert placed["epoch"] == read["epoch"] == 3
+    assert placed["train/objective"] == pytest.approx(read["train/objective"], rel=1e-9)
+    assert placed["train/grad_norm_rel"] == pytest.approx(read["train/grad_norm_rel"], rel=1e-5)

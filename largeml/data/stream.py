@@ -113,7 +113,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         if self.in_place and self.sparse and info is None:
-            yield from self._in_place()
+            yield from self.batches_in_place()
             return
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         # A DataLoader takes batches from its workers round-robin, starting with worker 0, also
@@ -146,7 +146,7 @@ class ShardStream(IterableDataset):
         x, y = reader.batch(runs)
         return x, (y if self.label_map is None else self.label_map(y))
 
-    def _in_place(self) -> Iterator[tuple["RowPieces", Tensor]]:
+    def batches_in_place(self) -> Iterator[tuple["RowPieces", Tensor]]:
         """This epoch's batches (one lane: all of them, from start_batch on) as RowPieces, with
         their labels (the only bytes copied: 4 a row)."""
         if self.maps is None:
