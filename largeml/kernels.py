@@ -13,8 +13,8 @@ FTRL's compiled loop goes row by row (`ftrl_rows`), as the paper and Vowpal Wabb
 features are updated right after its score is read, while their state is still in the cache.
 `ftrl_pieces` is the same loop over rows read in place from the shards' memory maps
 (`largeml.data.stream.RowPieces`), which is how the Trainer streams FTRL's batches on the CPU;
-`linear_pieces` sums f and ∇f over such rows for the objective pass, on every core (numba's
-`prange`, each core its own rows and its own gradient).
+`linear_pieces` sums f and ∇f over such rows for the objective pass, and `linear_scores` scores
+them, on every core (numba's `prange`: each core its own rows, and its own gradient).
 Its torch form (`ftrl_scores`, `ftrl_update`) takes
 one step per batch, for the GPU, whose threads want whole batches.
 """
@@ -264,6 +264,33 @@ if numba is not None:
             sums[lane, 0] += total
             sums[lane, 1] += bias_grad
 
+    @_jit_lanes
+    def _linear_scores(pieces, addresses, lengths, w, scale, scaled, bias, out,
+                       lanes):  # pragma: no cover
+        # each row's x·(scale ⊙ w) + bias, for the rows of pieces, split among the lanes
+        n = len(out)
+        where = _rows_of(pieces, n)
+        for lane in numba.prange(lanes):
+            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            shard = where[min(lo_k, n - 1), 0]
+            indptr, cols, vals = _shard_arrays(addresses, lengths, shard)
+            for k in range(lo_k, hi_k):
+                if where[k, 0] != shard:  # the next piece
+                    shard = where[k, 0]
+                    indptr, cols, vals = _shard_arrays(addresses, lengths, shard)
+                if k + 1 < hi_k:
+                    if where[k + 1, 0] == shard:
+                        _prefetch_row(indptr, cols, where[k + 1, 1], w)
+                    else:
+                        nxt = _shard_arrays(addresses, lengths, where[k + 1, 0])
+                        _prefetch_row(nxt[0], nxt[1], where[k + 1, 1], w)
+                r = where[k, 1]
+                s = 0.0
+                for i in range(indptr[r], indptr[r + 1]):
+                    c = cols[i]
+                    s += w[c] * (scale[c] if scaled else 1.0) * vals[i]
+                out[k] = s + bias
+
     @_jit
     def _csr_matvec(crow, cols, vals, w, scale, scaled, bias, out):  # pragma: no cover
         for r in range(len(crow) - 1):
@@ -282,6 +309,13 @@ if numba is not None:
             for i in range(crow[r], crow[r + 1]):
                 c = cols[i]
                 out[c] += dr * (scale[c] if scaled else 1.0) * vals[i]
+
+
+def set_threads(n: int) -> None:
+    """How many threads (and lanes) the compiled loops that split rows among cores use in this
+    thread: this process's share of the cores (numba would take them all)."""
+    if numba is not None:
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 def _parts(x: Tensor):
@@ -405,6 +439,16 @@ def linear_pieces(x, y: Tensor, wg: Tensor, scale: Tensor | None, bias: float, l
     only."""
     _linear_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), wg.numpy(), *_scale(scale, y),
                    bias, loss, sums)
+
+
+def linear_scores(x, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:
+    """`csr_matvec` for `x`, a `largeml.data.stream.RowPieces`: the rows read where they lie,
+    split among numba's threads (each row's score is its own: the same numbers on any number).
+    Compiled only."""
+    out = torch.empty(len(x))
+    _linear_scores(x.pieces, *_compiled_maps(x.maps), w.numpy(), *_scale(scale, w), bias,
+                   out.numpy(), numba.get_num_threads())
+    return out
 
 
 def csr_matvec(x: Tensor, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:

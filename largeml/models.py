@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from largeml import kernels
+from largeml.data.stream import RowPieces
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -56,7 +57,7 @@ def first_layer(x: Tensor, linear: nn.Linear) -> Tensor:
 
 
 def _check_width(x: Tensor, linear: nn.Linear) -> None:
-    if x.dim() != 2 or x.shape[1] != linear.in_features:
+    if len(x.shape) != 2 or x.shape[1] != linear.in_features:
         raise ValueError(
             f"sparse batch of shape {tuple(x.shape)} does not fit a first layer of "
             f"{linear.in_features} features; build the model with n_features={x.shape[-1]}"
@@ -120,6 +121,14 @@ class Linear(nn.Module):
             column_major(self.linear)  # sparse batches read weight.t() (see first_layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, RowPieces):  # rows read in place: scored where they lie
+            if self.linear.out_features > 1 or torch.is_grad_enabled() or kernels.numba is None:
+                x = x.csr()
+            else:
+                _check_width(x, self.linear)
+                scale = self.input.mult if self.input.active else None
+                return kernels.linear_scores(x, self.linear.weight.detach()[0], scale,
+                                             float(self.linear.bias))
         if self.linear.out_features > 1:
             return first_layer(self.input(x), self.linear)
         if x.layout == torch.sparse_csr and kernels.available(x):

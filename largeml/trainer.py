@@ -29,7 +29,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.data import DataLoader
 
 import largeml
-from largeml import distributed, objective
+from largeml import distributed, kernels, objective
 from largeml.checkpoint import (
     DamagedCheckpoint,
     link,
@@ -145,14 +145,16 @@ class Trainer:
                     device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.data = data
         self.loss_fn = loss_fn = on_device(loss_fn, self.device)  # class weights, once
-        # The objective pass of a linear model over sparse shards, on the CPU, reads its rows
-        # in place too, split among this process's cores (`objective._linear_value`).
-        self.objective_lanes = 0  # 0: the pass reads batches as it would for any model
+        # The passes that evaluate a linear model over sparse shards on the CPU (the objective
+        # and validation) read their rows in place too, split among this process's cores
+        # (`objective._linear_value`, `kernels.linear_scores`).
+        self.objective_lanes = 0  # 0: they read batches as they would for any model
         if (self.device.type == "cpu" and data.num_workers == 0 and data.sparse
                 and hasattr(data.train_eval, "batches_in_place")
                 and objective.compiled(self.module, self.loss_fn) is not None):
             self.objective_lanes = max(1, len(os.sched_getaffinity(0))
                                        // self.processes.local_world_size)
+            kernels.set_threads(self.objective_lanes)
         # What the solver minimises: the loss itself, or for a full-batch solver a twice
         # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
         self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
@@ -385,7 +387,10 @@ class Trainer:
         k = self.data.classes.n_outputs  # a rank without rows still sends the right shape
         scores = [torch.zeros((0, k) if k > 1 else 0, device=self.device)]
         targets = [torch.zeros(0, device=self.device)]
-        for x, y in self._loader(dataset):
+        rows = (dataset.batches_in_place() if self.objective_lanes
+                and getattr(dataset, "sparse", False) and hasattr(dataset, "batches_in_place")
+                else self._loader(dataset))
+        for x, y in rows:
             with self._autocast():
                 scores.append(self.module(x.to(self.device, non_blocking=True)).float())
             targets.append(y.to(self.device, non_blocking=True))

@@ -313,12 +313,14 @@ def test_the_objective_over_rows_read_in_place_is_the_objective(tmp_path, loss_f
 
 @needs_numba
 def test_the_trainers_objective_pass_reads_its_rows_in_place(tmp_path):
-    """On the CPU, FTRL's run over sparse shards measures f with the rows read in place, in a
-    lane a core, and measures the f it measures with the rows read as CSR tensors."""
+    """On the CPU, FTRL's run over sparse shards measures f and validates with the rows read in
+    place, in a lane a core, and measures what it measures with the rows read as CSR tensors:
+    the same validation, bit for bit, and f up to the order of its additions."""
     from largeml.schedules import constant
     from largeml.trainer import Trainer
 
-    data = files(str(write_sparse_shards(tmp_path / "train", 1500, 300)), batch_size=256)
+    data = files(str(write_sparse_shards(tmp_path / "train", 1500, 300)),
+                 str(write_sparse_shards(tmp_path / "val", 700, 300, seed=1)), batch_size=256)
 
     def run(lanes: int | None) -> dict:
         trainer = Trainer(model=Linear(300), data=data, loss_fn=bce,
@@ -334,3 +336,23 @@ def test_the_trainers_objective_pass_reads_its_rows_in_place(tmp_path):
     assert placed["epoch"] == read["epoch"] == 3
     assert placed["train/objective"] == pytest.approx(read["train/objective"], rel=1e-9)
     assert placed["train/grad_norm_rel"] == pytest.approx(read["train/grad_norm_rel"], rel=1e-5)
+    for key in ("val/loss", "val/accuracy", "val/auc"):
+        assert placed[key] == read[key]
+
+
+@needs_numba
+def test_a_linear_model_scores_rows_read_in_place_as_it_scores_them_read(tmp_path):
+    stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=512,
+                         shuffle=True, seed=3)  # pieces of several shards in each batch
+    model = Linear(300)
+    torch.nn.init.normal_(model.linear.weight)
+    model.input.set(torch.zeros(300), torch.linspace(0.5, 2.0, 300))
+    for threads in (1, 2):
+        kernels.set_threads(threads)
+        with torch.no_grad():
+            for (x, _), (pieces, _) in zip(stream, stream.batches_in_place(), strict=True):
+                assert torch.equal(model(pieces), model(x))
+    with torch.enable_grad():  # a step that wants gradients takes the CSR batch
+        pieces, _ = next(iter(stream.batches_in_place()))
+        model(pieces).sum().backward()
+    assert model.linear.weight.grad.abs().sum() > 0
