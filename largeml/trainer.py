@@ -834,6 +834,8 @@ def _snapshot(obj: Any) -> Any:
     """A copy of a checkpoint's state that training cannot change: tensors copied to the CPU
     (where they are loaded back), containers rebuilt, other values as they are."""
     if isinstance(obj, Tensor):
+        if obj.dim() == 1 and len(obj) > 1 and obj.stride(0) == 0:  # one value, repeated (an
+            return obj[:1].detach().to("cpu", copy=True).expand_as(obj)  # identity input map)
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         return {key: _snapshot(value) for key, value in obj.items()}

@@ -68,3 +68,33 @@ def test_l2_penalty_mlp_sums_all_weight_matrices() -> None:
         first.bias.fill_(5.0)
         last.bias.fill_(5.0)
     assert l2_penalty(model).item() == pytest.approx(0.5 * (6 + 12))
+
+
+def test_an_identity_input_map_is_saved_as_two_numbers(tmp_path) -> None:
+    """An unfitted (identity) input map costs a checkpoint a few bytes, not 8 a feature, and
+    loads back as the identity; a fitted one is saved in full."""
+    from largeml.checkpoint import load_checkpoint, save_checkpoint
+    from largeml.inference import model_width
+    from largeml.trainer import _snapshot
+
+    n = 200_000
+    state = _snapshot(Linear(n).state_dict())  # as a checkpoint takes it
+    for name, value in (("input.shift", 0.0), ("input.mult", 1.0)):
+        assert state[name].shape == (n,) and state[name].stride() == (0,)
+        assert bool((state[name] == value).all())
+    assert model_width(state) == n
+    save_checkpoint({"model": state}, tmp_path / "identity.pt")
+    assert (tmp_path / "identity.pt").stat().st_size < 1.1 * 4 * n  # the weights alone
+    back = Linear(n)
+    back.input.set(torch.ones(n), torch.full((n,), 2.0))
+    back.load_state_dict(load_checkpoint(tmp_path / "identity.pt")["model"])
+    assert not back.input.active
+    assert torch.equal(back.input.shift, torch.zeros(n))
+    assert torch.equal(back.input.mult, torch.ones(n))
+
+    fitted = Linear(n)
+    fitted.input.set(torch.zeros(n), torch.linspace(0.5, 2.0, n))
+    save_checkpoint({"model": _snapshot(fitted.state_dict())}, tmp_path / "fitted.pt")
+    assert (tmp_path / "fitted.pt").stat().st_size > 3 * 4 * n
+    back.load_state_dict(load_checkpoint(tmp_path / "fitted.pt")["model"])
+    assert back.input.active and torch.equal(back.input.mult, fitted.input.mult)
