@@ -532,7 +532,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--largeml-args", default="",
                         help='overrides appended to every largeml run, e.g. "data.batch_size=4096"')
     parser.add_argument("--json", type=Path, help="write every figure here")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of each epoch count (medians reported); LIBLINEAR "
                         "and largeml's default run: once")
     parser.add_argument("--peer", choices=sorted(PEER_FUNCTIONS), help=argparse.SUPPRESS)
