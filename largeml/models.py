@@ -90,7 +90,7 @@ class Standardize(nn.Module):
         if not self.active:
             # The identity is saved as one 0 and one 1, each viewed as n_features of them:
             # torch.save writes such a view at its one element (a checkpoint of FTRL over 2 M
-            # unscaled features: 24 MiB, where the map in full took 16 more). Loading copies
+            # unscaled features: 24.0 MB, where the map in full took 16 more). Loading copies
             # it into the full buffers, and its length is still the model's width.
             for name, value in (("shift", 0.0), ("mult", 1.0)):
                 buffer = getattr(self, name)
