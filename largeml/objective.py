@@ -30,9 +30,6 @@ Reduce = Callable[[Tensor], Tensor]
 # The most memory the lanes of an objective pass over rows read in place take for their copies
 # of w and their gradients (`_linear_value`): 16 lanes over 2 M features.
 LANE_BYTES = 256 * 2**20
-# The most memory the lanes of an objective pass over rows read in place take for their copies
-# of w and their gradients (`_linear_value`): 16 lanes over 2 M features.
-LANE_BYTES = 256 * 2**20
 
 
 def _identity(t: Tensor) -> Tensor:

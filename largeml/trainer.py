@@ -12,7 +12,6 @@ takes the same ones; only rank 0 writes logs, metrics and checkpoints.
 
 import logging
 import math
-import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -148,13 +147,13 @@ class Trainer:
         # The passes that evaluate a linear model over sparse shards on the CPU (the objective
         # and validation) read their rows in place too, split among this process's cores
         # (`objective._linear_value`, `kernels.linear_scores`).
-        self.objective_lanes = 0  # 0: they read batches as they would for any model
+        self.eval_lanes = 0  # 0: they read batches as they would for any model
         if (self.device.type == "cpu" and data.num_workers == 0 and data.sparse
                 and hasattr(data.train_eval, "batches_in_place")
                 and objective.compiled(self.module, self.loss_fn) is not None):
-            self.objective_lanes = max(1, len(os.sched_getaffinity(0))
-                                       // self.processes.local_world_size)
-            kernels.set_threads(self.objective_lanes)
+            self.eval_lanes = cpu_threads(0, self.processes.local_world_size,
+                                          compute_bound=True)  # this process's cores
+            kernels.set_threads(self.eval_lanes)
         # What the solver minimises: the loss itself, or for a full-batch solver a twice
         # differentiable stand-in of a non-smooth one (the hinge: see losses.smoothed).
         self.solver_loss_fn = smoothed(loss_fn) if self.full_batch else loss_fn
@@ -387,10 +386,7 @@ class Trainer:
         k = self.data.classes.n_outputs  # a rank without rows still sends the right shape
         scores = [torch.zeros((0, k) if k > 1 else 0, device=self.device)]
         targets = [torch.zeros(0, device=self.device)]
-        rows = (dataset.batches_in_place() if self.objective_lanes
-                and getattr(dataset, "sparse", False) and hasattr(dataset, "batches_in_place")
-                else self._loader(dataset))
-        for x, y in rows:
+        for x, y in self._eval_rows(dataset):
             with self._autocast():
                 scores.append(self.module(x.to(self.device, non_blocking=True)).float())
             targets.append(y.to(self.device, non_blocking=True))
@@ -446,12 +442,10 @@ class Trainer:
                 self.module, self.loss_fn, self.held, self.l2, self.data.n_train,
                 reduce=distributed.sum_, l1=self.l1)[0]  # a smoothed hinge: the hinge's f
         else:  # one more pass over the training set, forward and backward, updating nothing
-            lanes = self.objective_lanes
-            rows = (self.data.train_eval.batches_in_place() if lanes
-                    else self._loader(self.data.train_eval))
+            rows = self._eval_rows(self.data.train_eval)
             f, g = objective.value(self.module, self.loss_fn, rows, self.l2, self.data.n_train,
                                    gradient=True, reduce=distributed.sum_, device=self.device,
-                                   l1=self.l1, lanes=max(lanes, 1))
+                                   l1=self.l1, lanes=max(self.eval_lanes, 1))
             self.solver_objective = f
         if not math.isfinite(f):
             raise self._diverged(f"training objective is {f}")
@@ -680,6 +674,14 @@ class Trainer:
         generator = torch.Generator().manual_seed(0)
         return DataLoader(dataset, batch_size=None, num_workers=self.data.num_workers,
                           pin_memory=self.device.type == "cuda", generator=generator)
+
+    def _eval_rows(self, dataset: BatchDataset) -> Iterable[Batch]:
+        """The batches of an evaluation pass: read in place (`RowPieces`) where the passes of
+        this model take them (`eval_lanes`), else as `_loader` reads them."""
+        if self.eval_lanes and getattr(dataset, "sparse", False) and hasattr(
+                dataset, "batches_in_place"):
+            return dataset.batches_in_place()
+        return self._loader(dataset)
 
     def _load_resident(self) -> None:
         """Loads a resident data set's rows once onto the training device."""

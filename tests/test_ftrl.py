@@ -327,9 +327,9 @@ def test_the_trainers_objective_pass_reads_its_rows_in_place(tmp_path):
                           optimizer=functools.partial(FTRL), scheduler=constant, l2=1e-3,
                           run_dir=tmp_path / f"run-{lanes}", config={}, hparams={},
                           device="cpu", max_epochs=3)
-        assert trainer.objective_lanes == len(os.sched_getaffinity(0))
+        assert trainer.eval_lanes == len(os.sched_getaffinity(0))
         if lanes is not None:
-            trainer.objective_lanes = lanes  # 0: read as CSR tensors
+            trainer.eval_lanes = lanes  # 0: read as CSR tensors
         return trainer.fit()
 
     read, placed = run(0), run(None)
