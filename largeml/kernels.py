@@ -297,6 +297,109 @@ if numba is not None:
                 out[k] = s + bias
 
     @_jit
+    def _curvature(loss, s, y):  # pragma: no cover
+        """The loss's second derivative in the score (its generalised one for SQUARED_HINGE,
+        as LIBLINEAR takes it), for loss BCE or SQUARED_HINGE."""
+        if loss == 0:  # σ(s)·(1 − σ(s)), from exp(−|s|)
+            e = math.exp(-abs(s))
+            return e / ((1.0 + e) * (1.0 + e))
+        return 2.0 if (2.0 * y - 1.0) * s < 1.0 else 0.0
+
+    @_jit_lanes
+    def _newton_point(pieces, addresses, lengths, y, own, scale, scaled, bias, loss,
+                      sums):  # pragma: no cover
+        # `_linear_pieces` with the Hessian's diagonal besides: own[l] is lane l's (n, 4) of w
+        # (read), its gradient and its Σ loss″·x² (added to), and a pad that keeps a feature's
+        # numbers in one cache line; sums[l] its loss sum, Σ ∂loss/∂bias and Σ loss″.
+        n = len(y)
+        lanes = own.shape[0]
+        where = _rows_of(pieces, n)
+        for lane in numba.prange(lanes):
+            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            mine = own[lane]
+            total, bias_grad, bias_curv = 0.0, 0.0, 0.0
+            shard = where[min(lo_k, n - 1), 0]
+            arrays = _shard_arrays(addresses, lengths, shard)
+            for k in range(lo_k, hi_k):
+                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
+                indptr, cols, vals = arrays
+                r = where[k, 1]
+                s = bias
+                for i in range(indptr[r], indptr[r + 1]):
+                    c = cols[i]
+                    s += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
+                value, d = _loss(loss, s, y[k])
+                h = _curvature(loss, s, y[k])
+                total += value
+                bias_grad += d
+                bias_curv += h
+                if d != 0.0 or h != 0.0:
+                    for i in range(indptr[r], indptr[r + 1]):
+                        c = cols[i]
+                        x = (scale[c] if scaled else 1.0) * vals[i]
+                        mine[c, 1] += d * x
+                        mine[c, 2] += h * x * x
+            sums[lane, 0] += total
+            sums[lane, 1] += bias_grad
+            sums[lane, 2] += bias_curv
+
+    @_jit_lanes
+    def _newton_hvp(pieces, addresses, lengths, y, own, scale, scaled, bias, bias_v, loss,
+                    sums):  # pragma: no cover
+        # Σ_i x_i·loss″(s_i)·(x_i·v + v_bias) over the rows of pieces, split among the lanes:
+        # own[l] is lane l's (n, 4) of w and v (read), the product (added to) and a pad;
+        # sums[l, 0] its Σ loss″·(x·v + v_bias), the bias's part.
+        n = len(y)
+        lanes = own.shape[0]
+        where = _rows_of(pieces, n)
+        for lane in numba.prange(lanes):
+            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            mine = own[lane]
+            bias_part = 0.0
+            shard = where[min(lo_k, n - 1), 0]
+            arrays = _shard_arrays(addresses, lengths, shard)
+            for k in range(lo_k, hi_k):
+                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
+                indptr, cols, vals = arrays
+                r = where[k, 1]
+                s, u = bias, bias_v
+                for i in range(indptr[r], indptr[r + 1]):
+                    c = cols[i]
+                    x = (scale[c] if scaled else 1.0) * vals[i]
+                    s += mine[c, 0] * x
+                    u += mine[c, 1] * x
+                q = _curvature(loss, s, y[k]) * u
+                bias_part += q
+                if q != 0.0:
+                    for i in range(indptr[r], indptr[r + 1]):
+                        c = cols[i]
+                        mine[c, 2] += q * (scale[c] if scaled else 1.0) * vals[i]
+            sums[lane, 0] += bias_part
+
+    @_jit
+    def _newton_hessian(pieces, addresses, lengths, y, w, scale, scaled, bias, loss,
+                        h):  # pragma: no cover
+        # Σ_i loss″(s_i)·z_i·z_iᵀ into h, z_i = [x_i, 1] (the bias last): for narrow data
+        k = 0
+        last = h.shape[0] - 1
+        for p in range(len(pieces)):
+            indptr, cols, vals = _shard_arrays(addresses, lengths, pieces[p, 0])
+            for r in range(pieces[p, 1], pieces[p, 2]):
+                lo, hi = indptr[r], indptr[r + 1]
+                s = bias
+                for i in range(lo, hi):
+                    s += w[cols[i]] * (scale[cols[i]] if scaled else 1.0) * vals[i]
+                q = _curvature(loss, s, y[k])
+                k += 1
+                h[last, last] += q
+                for i in range(lo, hi):
+                    xi = q * (scale[cols[i]] if scaled else 1.0) * vals[i]
+                    h[cols[i], last] += xi
+                    h[last, cols[i]] += xi
+                    for j in range(lo, hi):
+                        h[cols[i], cols[j]] += xi * (scale[cols[j]] if scaled else 1.0) * vals[j]
+
+    @_jit
     def _csr_matvec(crow, cols, vals, w, scale, scaled, bias, out):  # pragma: no cover
         for r in range(len(crow) - 1):
             _prefetch_row(crow, cols, r + 1, w)
@@ -454,6 +557,35 @@ def linear_scores(x, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:
     _linear_scores(x.pieces, *_compiled_maps(x.maps), w.numpy(), *_scale(scale, w), bias,
                    out.numpy(), numba.get_num_threads())
     return out
+
+
+def newton_point(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, loss: int,
+                 sums: np.ndarray) -> None:
+    """`linear_pieces` that also sums the Hessian's diagonal, for a Newton solver: `own` is
+    (lanes, n_features, 4), each lane's w (column 0, read) beside its gradient and its
+    Σ loss″·x² (columns 1, 2, added to); `sums[lane]` gets the lane's loss sum, Σ ∂loss/∂bias
+    and Σ loss″. Loss BCE or SQUARED_HINGE. Compiled only."""
+    _newton_point(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
+                  bias, loss, sums)
+
+
+def newton_hvp(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, bias_v: float,
+               loss: int, sums: np.ndarray) -> None:
+    """The Hessian of the summed loss times v (no L2 term), over the rows of `x` (RowPieces)
+    in lanes: `own` is (lanes, n_features, 4), each lane's w and v (columns 0, 1, read) beside
+    its part of H·v (column 2, added to); `sums[lane, 0]` gets its part of the bias's. Compiled
+    only."""
+    _newton_hvp(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
+                bias, bias_v, loss, sums)
+
+
+def newton_hessian(x, y: Tensor, w: Tensor, scale: Tensor | None, bias: float, loss: int,
+                   h: np.ndarray) -> None:
+    """Adds Σ_i loss″_i·z_i·z_iᵀ (z_i = [x_i, 1]) over the rows of `x` (RowPieces) into `h`,
+    (n_features + 1)² float64: the whole Hessian of the summed loss, for narrow data. Compiled
+    only."""
+    _newton_hessian(x.pieces, *_compiled_maps(x.maps), y.numpy(), w.numpy(), *_scale(scale, y),
+                    bias, loss, h)
 
 
 def csr_matvec(x: Tensor, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:

@@ -1,0 +1,100 @@
+"""`objective.Streamed`, the full-batch closure that reads a linear model's sparse rows in place
+at every pass, against `objective.FullBatch` over the same rows held as CSR tensors: f, ∇f,
+the Hessian's diagonal, Hessian products and the whole Hessian, in one lane and several; and
+Newton through the Trainer, streamed against held."""
+
+import functools
+import os
+
+import pytest
+import torch
+
+from largeml import kernels, objective
+from largeml.data.sources import files
+from largeml.data.stream import ShardStream
+from largeml.losses import bce, squared_hinge
+from largeml.models import Linear
+from largeml.schedules import constant
+from largeml.solvers import Newton
+from largeml.trainer import Trainer
+
+from conftest import write_sparse_shards
+
+pytestmark = [pytest.mark.unit,
+              pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")]
+
+
+def _model(features: int) -> Linear:
+    torch.manual_seed(0)
+    model = Linear(features)
+    torch.nn.init.normal_(model.linear.weight, std=0.5)
+    torch.nn.init.constant_(model.linear.bias, -0.2)
+    model.input.set(torch.zeros(features), torch.linspace(0.5, 2.0, features))
+    return model
+
+
+@pytest.mark.parametrize("loss_fn", [bce, squared_hinge])
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_a_streamed_closure_is_the_full_batch_closure(tmp_path, loss_fn, lanes):
+    stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=512,
+                         shuffle=False)  # 15 shards of 100 rows: pieces of several shards
+    model = _model(300)
+    held = objective.FullBatch(model, loss_fn, [(x, y) for x, y in stream], 1e-3, 1500,
+                               second_order=True)
+    streamed = objective.Streamed(model, kernels.loss_code(loss_fn), stream.batches_in_place,
+                                  1e-3, 1500, lanes=lanes)
+    assert len(streamed.own) == lanes
+    f_held = held().item()
+    g_held = [p.grad.clone() for p in model.parameters()]
+    f = streamed().item()
+    assert f == pytest.approx(f_held, rel=1e-7)
+    for p, g in zip(model.parameters(), g_held, strict=True):
+        assert p.grad.shape == g.shape
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+    for a, b in zip(streamed.diagonal(), held.diagonal(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    v = [torch.randn_like(p) for p in model.parameters()]
+    for a, b in zip(streamed.hvp(v), held.hvp(v), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(streamed.hessian(), held.hessian(), rtol=1e-5, atol=1e-8)
+    assert streamed.n_local == 1500 and streamed.evaluations == 1
+
+    # φ(t) is f at θ + t·d; stepping there, the next call reuses its pass
+    d = [torch.randn_like(p) * 0.1 for p in model.parameters()]
+    phi_held, phi = held.line(d), streamed.line(d)
+    assert phi(1.0) == pytest.approx(phi_held(1.0), rel=1e-7)
+    assert phi(0.5) == pytest.approx(phi_held(0.5), rel=1e-7)
+    assert streamed.evaluations == 3
+    with torch.no_grad():
+        for p, dj in zip(model.parameters(), d, strict=True):
+            p.add_(dj, alpha=0.5)
+    assert streamed().item() == pytest.approx(held().item(), rel=1e-7)
+    assert streamed.evaluations == 3  # θ + 0.5·d was the last point φ evaluated
+
+
+def test_newton_over_rows_read_in_place_reaches_the_held_rows_optimum(tmp_path):
+    """optimizer=newton over sparse shards on the CPU holds no rows: it reads them in place at
+    each pass, and stops where Newton over the rows held stops: the same f, the same model."""
+    data = files(str(write_sparse_shards(tmp_path / "train", 3000, 2500, nnz=12)),
+                 str(write_sparse_shards(tmp_path / "val", 700, 2500, nnz=12, seed=1)),
+                 batch_size=512)
+
+    def run(name: str, lanes: int | None) -> tuple[dict, Trainer]:
+        trainer = Trainer(model=Linear(2500), data=data, loss_fn=bce,
+                          optimizer=functools.partial(Newton), scheduler=constant, l2=1e-3,
+                          run_dir=tmp_path / name, config={}, hparams={}, device="cpu",
+                          max_epochs=30, tol=1e-6)
+        assert trainer.eval_lanes == len(os.sched_getaffinity(0))
+        if lanes is not None:
+            trainer.eval_lanes = lanes  # 0: rows held as CSR tensors, as for any data
+        return trainer.fit(), trainer
+
+    (held, held_trainer), (streamed, trainer) = run("held", 0), run("streamed", None)
+    assert isinstance(trainer.closure, objective.Streamed) and not trainer.held
+    assert isinstance(held_trainer.closure, objective.FullBatch) and held_trainer.held
+    assert streamed["converged"] and held["converged"]
+    assert streamed["train/objective"] == pytest.approx(held["train/objective"], rel=1e-6)
+    assert streamed["val/accuracy"] == pytest.approx(held["val/accuracy"], abs=2e-3)
+    assert streamed["perf/samples_per_sec"] > 0
+    w, w_held = trainer.module.linear.weight, held_trainer.module.linear.weight
+    assert (w - w_held).norm() <= 1e-3 * w_held.norm()
