@@ -187,7 +187,7 @@ class Trainer:
         self.scheduler = scheduler(self.optimizer, total_steps=self.total_steps, l2=l2)
         self.logger: RunLogger | NoLogger = NoLogger()
         self.held: list[Batch] = []  # the training rows of a full-batch solver, on the device
-        self.closure: objective.FullBatch | None = None
+        self.closure: objective.FullBatch | objective.Streamed | None = None
 
         self.step = 0
         self.epoch = 0
@@ -284,7 +284,8 @@ class Trainer:
             for batches in _timed(self._epoch_groups(), self._waited):
                 logging_step = (self.step + 1) % self.log_every_n_steps == 0
                 self._window_loss += self.train_step(batches, grad_norm=logging_step)
-                self.window.rows += sum(len(y) for _, y in batches)
+                self.window.rows += (self.closure.n_local if isinstance(
+                    self.closure, objective.Streamed) else sum(len(y) for _, y in batches))
                 self.window.steps += 1
                 self._progress.update(self.step, self._last_train.get("perf/samples_per_sec"))
                 if logging_step:
@@ -707,7 +708,17 @@ class Trainer:
 
     def _hold_training_rows(self) -> None:
         """Reads this rank's share of the training rows once onto the device, for the full-batch
-        solver's closure; a held batch is never reused by the reader (it counts references)."""
+        solver's closure; a held batch is never reused by the reader (it counts references).
+        A linear model over sparse shards on the CPU holds none: its closure reads them in place
+        at each pass (`objective.Streamed`), on this process's cores."""
+        loss = objective.compiled(self.module, self.solver_loss_fn)
+        if self.eval_lanes and loss in objective.SECOND_ORDER_LOSSES:
+            self.closure = objective.Streamed(
+                self.module, loss, self.data.train_eval.batches_in_place, self.l2,
+                self.data.n_train, reduce=distributed.sum_, lanes=self.eval_lanes)
+            log.info("full batch: the training rows read in place at each pass, in %d lanes",
+                     len(self.closure.own))
+            return
         started = time.perf_counter()
         self.held = [(x.to(self.device), y.to(self.device))
                      for x, y in self._loader(self.data.train_eval)]
