@@ -1,14 +1,15 @@
 """Full-batch solvers: one `step(closure)` is one iteration over the whole training set.
 
 `Newton` is a damped (Levenberg–Marquardt) Newton method, the kind of second-order solver
-LIBLINEAR uses for logistic regression and the L2-loss SVM. Each iteration solves
-(H + μI)·d = −∇f: exactly, from H formed whole, when there are at most `dense_max` parameters;
-otherwise by conjugate gradients preconditioned with H's diagonal, to a tolerance that tightens
-as ∇f shrinks, from Hessian-vector products (`largeml.objective.FullBatch.hvp`), never forming
-H. The damping μ follows how well the quadratic model predicted the decrease of f (as a trust
-region does): 0 while full Newton steps work, so logistic regression converges quadratically
-(a9a: a relative gap of 1e-9 in 6 iterations), and large where H says little, as for a
-smoothed hinge whose rows all sit on its linear part at the start (H = λI there).
+LIBLINEAR uses for logistic regression and the L2-loss SVM. Each iteration solves (H + μI)·d =
+−∇f: exactly, from H formed whole, when there are at most `dense_max` parameters; otherwise by
+conjugate gradients preconditioned with H's diagonal, stopped once the quadratic model's
+decrease flattens out (`cg_tol`), from Hessian-vector products
+(`largeml.objective.FullBatch.hvp`), never forming H. The damping μ follows how well the
+quadratic model predicted the decrease of f (as a trust region does): 0 while full Newton steps
+work, so logistic regression converges quadratically (a9a: a relative gap of 1e-9 in 6
+iterations), and large where H says little, as for a smoothed hinge whose rows all sit on its
+linear part at the start (H = λI there).
 
 `FISTA` (Beck & Teboulle 2009) minimises f + λ1·‖w‖₁, the L1 (and, with L2, elastic-net)
 objective, by accelerated proximal gradient steps: a gradient step on f, then soft
@@ -41,6 +42,8 @@ class Newton(Optimizer):
 
     max_iter: Newton iterations per `step` call (the Trainer: one per epoch).
     cg_max_iter: conjugate-gradient iterations per Newton iteration at most.
+    cg_tol: CG stops at the i-th iteration once i·(Q_{i−1} − Q_i) ≤ cg_tol·|Q_i|, Q being the
+        quadratic model gᵀd + ½dᵀHd: the last step gained less than cg_tol of the average.
     lr: unused (a full Newton step has length 1); kept so that `optimizer.lr` means the same
         key for every optimizer and the schedulers can read it.
     dense_max: up to this many parameters, H is formed and factorised instead of CG.
@@ -49,9 +52,9 @@ class Newton(Optimizer):
     second_order = True  # its closure must give Hessian products (FullBatch(second_order=True))
 
     def __init__(self, params, lr: float = 1.0, max_iter: int = 1, cg_max_iter: int = 250,
-                 dense_max: int = 2048) -> None:
+                 cg_tol: float = 0.25, dense_max: int = 2048) -> None:
         super().__init__(params, {"lr": lr, "max_iter": max_iter, "cg_max_iter": cg_max_iter,
-                                  "dense_max": dense_max})
+                                  "cg_tol": cg_tol, "dense_max": dense_max})
         self.params = [p for group in self.param_groups for p in group["params"]]
         self.state["solver"] = {"iterations": 0, "cg_iterations": 0, "rejected": 0,
                                 "damping": 0.0}
@@ -79,8 +82,7 @@ class Newton(Optimizer):
                     d = self._exact(h, g, mu)
                     hd = None if d is None else self._matvec(h, d)
                 else:
-                    d, hd, cg = self._conjugate_gradient(closure, g, g_norm, diagonal, mu,
-                                                         group)
+                    d, hd, cg = self._conjugate_gradient(closure, g, diagonal, mu, group)
                     state["cg_iterations"] += cg
                 if d is None:  # H + μI not positive definite: damp more
                     predicted = -1.0
@@ -125,26 +127,25 @@ class Newton(Optimizer):
                 zip(d.split([x.numel() for x in g]), g, strict=True)]
 
     @staticmethod
-    def _conjugate_gradient(closure, g: list[Tensor], g_norm: float, diagonal: list[Tensor],
-                            mu: float, group: dict) -> tuple[list[Tensor] | None,
-                                                             list[Tensor] | None, int]:
-        """(d, H·d, iterations): d ≈ −(H + μI)⁻¹g, stopped at a residual of
-        min(0.5, √‖g‖)·‖g‖ (Eisenstat–Walker forcing), preconditioned with diag(H) + μ
-        (features of very different frequencies or scales otherwise cost hundreds of
-        iterations). H·d comes from the residual r = −g − (H + μI)·d, as in LIBLINEAR's trust
-        region: for the predicted decrease, without one more Hessian product (a pass over the
-        data where the rows are streamed)."""
+    def _conjugate_gradient(closure, g: list[Tensor], diagonal: list[Tensor], mu: float,
+                            group: dict) -> tuple[list[Tensor] | None, list[Tensor] | None, int]:
+        """(d, H·d, iterations): d ≈ −(H + μI)⁻¹g, preconditioned with diag(H) + μ (features
+        of very different frequencies or scales otherwise cost hundreds of iterations), stopped
+        once an iteration gains less than `cg_tol` of the average gain so far in the quadratic
+        model Q(d) = gᵀd + ½dᵀ(H + μI)d (Nash & Sofer 1990): scale-free, and no tighter than
+        the Newton step needs. Q and H·d both come from the residual r = −g − (H + μI)·d
+        (Q = ½(gᵀd − rᵀd)), as in LIBLINEAR's trust region: no more Hessian products (passes
+        over the data where the rows are streamed) than the iterations."""
 
         def solved(d: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor], int]:
             return d, [-gj - rj - mu * dj for gj, rj, dj in zip(g, r, d, strict=True)], i
 
-        tolerance = min(0.5, math.sqrt(g_norm)) * g_norm
         inverse = [1 / (x + mu).clamp_min(1e-12) for x in diagonal]
         d = [torch.zeros_like(x) for x in g]
         r = [-x for x in g]  # the residual −g − (H + μI)·d
         z = [x * m for x, m in zip(r, inverse, strict=True)]
         p = [x.clone() for x in z]
-        rz = _dot(r, z).item()
+        rz, q = _dot(r, z).item(), 0.0
         if rz == 0:  # ∇f vanishes at this precision
             return solved(d, 0)
         for i in range(1, group["cg_max_iter"] + 1):
@@ -156,8 +157,10 @@ class Newton(Optimizer):
             for dj, pj, rj, hj in zip(d, p, r, hp, strict=True):
                 dj.add_(pj, alpha=alpha)
                 rj.add_(hj, alpha=-alpha)
-            if math.sqrt(_dot(r, r).item()) <= tolerance:
+            q_new = 0.5 * (_dot(g, d).item() - _dot(r, d).item())
+            if q_new <= 0 and i * (q_new - q) >= group["cg_tol"] * q_new:
                 return solved(d, i)
+            q = q_new
             z = [x * m for x, m in zip(r, inverse, strict=True)]
             rz_new = _dot(r, z).item()
             if rz_new == 0:  # solved exactly
