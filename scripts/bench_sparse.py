@@ -28,8 +28,10 @@ polled every 20 ms) kept for each:
   the same again and `trainer.max_epochs=3 trainer.tol=0`, wall time of each subprocess; one
   epoch is the median over the pairs of half their difference (start-up cancels; each epoch's
   validation is included); also its own
-  `perf/samples_per_sec` (training only) from metrics.json. Then a run with the defaults, which
-  stops by its own rule: wall time, epochs, `stopped`. The optimizer and feature scaling that
+  `perf/samples_per_sec` (training only) from metrics.json. These runs stream: `STREAMING`
+  (FTRL), the method to set against SGD and VW epoch for epoch. Then a run of that which
+  stops by its own rule, and one with the defaults (`auto`), which stops by its own rule
+  too: wall time, epochs, `stopped`. The optimizer and feature scaling that
   largeml chose (`auto`) are read from the run's config.yaml and log.
 - SGDClassifier(loss="log_loss", max_iter=1 and 3, tol=None, random_state=0, otherwise default):
   fit time on the in-memory CSR matrix, the median of --repeats fits.
@@ -69,6 +71,10 @@ CLICK_ZIPF = 1.2
 CLICK_WEIGHT_STD = 0.5
 CLICK_POSITIVE_RATE = 0.25
 CHUNK_ROWS = 50_000
+# largeml's streaming runs, epoch for epoch against SGD and VW: FTRL, as many rows a step as
+# optimizer=auto gives it (its defaults converge by full-batch Newton instead, whose epoch is a
+# Newton iteration: several passes over the rows).
+STREAMING = ["optimizer=ftrl", "data.batch_size=4096"]
 # A generated block of rows: indices (n, k), values (n, k), labels (n,), the generating rule's
 # decision (n,), every row with k non-zeros.
 Block = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -310,16 +316,18 @@ def largeml_run(root: Path, name: str, overrides: list[str], extra: list[str]) -
 
 def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int) -> dict:
     # Untimed first: the first run after a code change compiles and caches largeml's kernels.
-    warmup = largeml_run(root, "warmup", ["trainer.max_epochs=1", "trainer.tol=0"], extra)
-    pairs = [(largeml_run(root, "epochs1", ["trainer.max_epochs=1", "trainer.tol=0"], extra),
-              largeml_run(root, "epochs3", ["trainer.max_epochs=3", "trainer.tol=0"], extra))
+    epochs = [*STREAMING, "trainer.tol=0"]
+    warmup = largeml_run(root, "warmup", [*epochs, "trainer.max_epochs=1"], extra)
+    pairs = [(largeml_run(root, "epochs1", [*epochs, "trainer.max_epochs=1"], extra),
+              largeml_run(root, "epochs3", [*epochs, "trainer.max_epochs=3"], extra))
              for _ in range(repeats)]  # interleaved: a slow spell of the machine hits both
     epochs_s = [(three["wall_s"] - one["wall_s"]) / 2 for one, three in pairs]
     epoch_s = float(np.median(epochs_s))
     one, three = (median_run([pair[i] for pair in pairs]) for i in (0, 1))
+    streaming = largeml_run(root, "streaming", STREAMING, extra)
     default = largeml_run(root, "defaults", [], extra)
-    return {"warmup": warmup, "epochs1": one, "epochs3": three, "defaults": default,
-            "epoch_s": epoch_s, "epoch_s_each": epochs_s,
+    return {"warmup": warmup, "epochs1": one, "epochs3": three, "streaming": streaming,
+            "defaults": default, "epoch_s": epoch_s, "epoch_s_each": epochs_s,
             "rows_per_s": rows / epoch_s if epoch_s > 0 else float("nan")}
 
 
@@ -466,19 +474,24 @@ def report(meta: dict, r: dict) -> str:
         ("VW, 3 passes from cache", vw3["passes_used"], vw3["fit_s"], vw3_rows / vw3["fit_s"],
          vw3["val_accuracy"], None,
          f"trains on {vw3['rows_per_pass'] or rows:,} rows a pass (holds 1 in 10 out)"),
-        ("largeml epoch: (3-epoch - 1-epoch wall) / 2", 1, lm["epoch_s"], lm["rows_per_s"],
-         None, None, "validation included"),
-        ("largeml `trainer.max_epochs=1 trainer.tol=0`", 1, lm["epochs1"]["wall_s"],
+        ("largeml FTRL epoch: (3-epoch - 1-epoch wall) / 2", 1, lm["epoch_s"],
+         lm["rows_per_s"], None, None, f"`{' '.join(STREAMING)}`; validation included"),
+        ("largeml FTRL `trainer.max_epochs=1 trainer.tol=0`", 1, lm["epochs1"]["wall_s"],
          lm["epochs1"]["samples_per_sec"], lm["epochs1"]["val_accuracy"],
          lm["epochs1"]["peak_rss_anon_mib"],
          "seconds: CLI wall; rows/s: its perf/samples_per_sec"),
-        ("largeml `trainer.max_epochs=3 trainer.tol=0`", 3, lm["epochs3"]["wall_s"],
+        ("largeml FTRL `trainer.max_epochs=3 trainer.tol=0`", 3, lm["epochs3"]["wall_s"],
          lm["epochs3"]["samples_per_sec"], lm["epochs3"]["val_accuracy"],
          lm["epochs3"]["peak_rss_anon_mib"], "as above"),
+        ("largeml FTRL (stops by its own rule)", lm["streaming"]["epochs"],
+         lm["streaming"]["wall_s"], lm["streaming"]["samples_per_sec"],
+         lm["streaming"]["val_accuracy"], lm["streaming"]["peak_rss_anon_mib"],
+         f"stopped: {lm['streaming']['stopped']}; as above"),
         ("largeml defaults (stops by its own rule)", lm["defaults"]["epochs"],
          lm["defaults"]["wall_s"], lm["defaults"]["samples_per_sec"],
          lm["defaults"]["val_accuracy"], lm["defaults"]["peak_rss_anon_mib"],
-         f"stopped: {lm['defaults']['stopped']}; as above"),
+         f"stopped: {lm['defaults']['stopped']}; seconds: CLI wall; epochs: Newton "
+         "iterations for newton"),
         ("LIBLINEAR LogisticRegression C=1 (converged)", r["liblinear"]["iterations"],
          r["liblinear"]["fit_s"], None, r["liblinear"]["val_accuracy"],
          r["liblinear"]["peak_rss_anon_mib"], "fit alone; epochs: its Newton iterations"),

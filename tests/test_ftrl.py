@@ -221,6 +221,12 @@ def test_auto_streams_large_sparse_files_with_ftrl(compose_config, tmp_path, mon
     cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}")
     assert auto.optimizer(cfg, data, torch.device("cpu"))[0] == "newton"  # small: held
     monkeypatch.setattr(auto, "SPARSE_HOLD_MAX", data.held_bytes - 1)
+    # Too large to hold, but Newton's passes can read the rows in place (compiled lanes) ...
+    assert auto.optimizer(cfg, data, torch.device("cpu"))[0] == (
+        "newton" if kernels.numba is not None else "ftrl")
+    # ... and where they cannot (a weighted loss is not compiled), FTRL streams them
+    cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}",
+                         "loss.class_weight=balanced")
     chosen = auto.resolve(cfg, data, torch.device("cpu"))
     assert cfg.optimizer._target_ == "largeml.ftrl.FTRL"
     assert cfg.scheduler._target_ == "largeml.schedules.constant"
@@ -228,11 +234,12 @@ def test_auto_streams_large_sparse_files_with_ftrl(compose_config, tmp_path, mon
     assert cfg.data.batch_size == 4096 and chosen["data.batch_size"] == "4096"
     # ... but not for rows so wide that 4096 of them pass 2^20 non-zeros, nor below a given size
     monkeypatch.setattr(auto, "FTRL_BATCH_NNZ", 8 * 2000)
-    cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}")
+    cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}",
+                         "loss.class_weight=balanced")
     auto.resolve(cfg, data, torch.device("cpu"))
     assert cfg.data.batch_size == 2000
     cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}",
-                         "data.batch_size=8192")
+                         "loss.class_weight=balanced", "data.batch_size=8192")
     assert "data.batch_size" not in auto.resolve(cfg, data, torch.device("cpu"))
     cfg = compose_config("data=files", f"data.train_path={tmp_path / 'train'}", "optimizer=ftrl")
     assert auto.resolve(cfg, data, torch.device("cpu")) == {"scheduler": "constant"}

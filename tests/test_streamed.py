@@ -4,6 +4,7 @@ the Hessian's diagonal, Hessian products and the whole Hessian, in one lane and 
 Newton through the Trainer, streamed against held."""
 
 import functools
+import logging
 import os
 
 import pytest
@@ -98,3 +99,28 @@ def test_newton_over_rows_read_in_place_reaches_the_held_rows_optimum(tmp_path):
     assert streamed["perf/samples_per_sec"] > 0
     w, w_held = trainer.module.linear.weight, held_trainer.module.linear.weight
     assert (w - w_held).norm() <= 1e-3 * w_held.norm()
+
+
+def test_auto_newton_streams_sparse_files_too_large_to_hold(compose_config, tmp_path,
+                                                             monkeypatch, caplog):
+    """optimizer=auto on sparse shards past auto.SPARSE_HOLD_MAX: Newton still, since its
+    passes read the rows in place (auto.streams_in_place says what the Trainer then does)."""
+    from largeml import auto
+    from largeml.train import run
+
+    train = write_sparse_shards(tmp_path / "train", 3000, 2500, nnz=12)
+    overrides = ["data=files", f"data.train_path={train}"]
+    caplog.set_level(logging.INFO)
+    # Read by a DataLoader worker, the rows are not read in place: small, they are held
+    held = run(compose_config(*overrides, "data.num_workers=1"), tmp_path / "held")
+    assert "optimizer=auto: newton" in caplog.text and "rows held" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(auto, "SPARSE_HOLD_MAX", 1)
+    streamed = run(compose_config(*overrides), tmp_path / "streamed")
+    assert "optimizer=auto: newton" in caplog.text and "read in place" in caplog.text
+    assert streamed["converged"] and held["converged"]
+    assert streamed["train/objective"] == pytest.approx(held["train/objective"], rel=1e-6)
+    caplog.clear()  # a weighted loss has no compiled passes: FTRL streams the rows instead
+    run(compose_config(*overrides, "loss.class_weight=balanced", "trainer.max_epochs=2"),
+        tmp_path / "weighted")
+    assert "optimizer=auto: ftrl" in caplog.text
