@@ -22,6 +22,7 @@ from torch.func import functional_call
 from largeml import kernels
 from largeml.data.stream import RowPieces
 from largeml.models import Linear, penalised_weights
+from largeml.solvers import dot
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 LOSS_FUNCTIONS = {code: fn for fn, code in kernels.LOSSES.items()}
@@ -384,18 +385,17 @@ class Streamed:
             kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums)
             rows += len(y)
         self.n_local = rows
-        width = len(w)
-        # the lanes' columns summed as they lie (float32): 40 ms over 2 M features here, where
-        # each column taken apart and widened first cost 110-220 ms a pass
-        local = torch.cat([own[:, :, 1:3].sum(0).t().reshape(-1).double(),
-                           torch.from_numpy(sums.sum(0))])
-        total = self.reduce(local) / self.n_rows
-        grad_w, diag_w = total[:width], total[width:2 * width]
-        loss_mean, grad_b, diag_b = total[2 * width:].tolist()
-        return {"point": (w, b), "f": torch.tensor(loss_mean + 0.5 * self.l2 * w.double()
-                                                   .pow(2).sum().item(), dtype=torch.float64),
-                "grads": self._split((grad_w + self.l2 * w.double()).float(), grad_b),
-                "diagonal": self._split((diag_w + self.l2).float(), diag_b),
+        # The lanes' columns summed as they lie, in float32 as each lane added them (40 ms over
+        # 2 M features here, where each column taken apart and widened first cost 110-220 ms
+        # a pass; and float64 copies of these vectors were most of a run's memory).
+        features = self.reduce(own[:, :, 1:3].sum(0).t().contiguous()).div_(self.n_rows)
+        grad_w = features[0].add_(w, alpha=self.l2)
+        diag_w = features[1].add_(self.l2)
+        loss_mean, grad_b, diag_b = (self.reduce(torch.from_numpy(sums.sum(0))) /
+                                     self.n_rows).tolist()
+        f = loss_mean + 0.5 * self.l2 * dot([w], [w]).item()
+        return {"point": (w, b), "f": torch.tensor(f, dtype=torch.float64),
+                "grads": self._split(grad_w, grad_b), "diagonal": self._split(diag_w, diag_b),
                 "loss_sum": torch.tensor(sums[:, 0].sum(), dtype=torch.float64)}
 
     def _at(self, w: Tensor, b: float) -> dict | None:
@@ -407,6 +407,8 @@ class Streamed:
     def __call__(self) -> Tensor:
         w, b = self._point()
         self.last = self._at(w, b) or self._evaluate(w, b)
+        if self.last is self.ahead:  # the solver stepped there: keep one copy, not two
+            self.ahead = None
         for p, g in zip(self.params, self.last["grads"], strict=True):
             p.grad = g.clone()
         self.loss_sum = self.last["loss_sum"].clone()
@@ -444,10 +446,9 @@ class Streamed:
         v_b = float(v["linear.bias"])
         for x, y in self.rows():
             kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums)
-        local = torch.cat([own[:, :, 2].sum(0).double(), torch.from_numpy(sums.sum(0))])
-        total = self.reduce(local) / self.n_rows
-        hv_w = total[:-1] + self.l2 * v["linear.weight"].reshape(-1).double()
-        return self._split(hv_w.float(), float(total[-1]))
+        hv_w = self.reduce(own[:, :, 2].sum(0)).div_(self.n_rows)
+        hv_w.add_(v["linear.weight"].reshape(-1), alpha=self.l2)
+        return self._split(hv_w, float(self.reduce(torch.from_numpy(sums.sum(0)))) / self.n_rows)
 
     @torch.no_grad()
     def hessian(self) -> Tensor:

@@ -21,7 +21,7 @@ from largeml import auto, distributed, losses
 from largeml.cli import CONFIG_DIR, build, build_function
 from largeml.config import l2_strength, validate
 from largeml.data.batches import DataModule, check_batch_size
-from largeml.device import resolve_device, skip_compiler_import
+from largeml.device import release_large_blocks, resolve_device, skip_compiler_import
 from largeml.distributed import Processes, agreed, launch_id
 from largeml.errors import ConfigError, LargemlError
 from largeml.logger import flatten
@@ -83,6 +83,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str] | None = None) -
     """Trains as `cfg` says, writing everything into `run_dir`; returns the final metrics."""
     validate(cfg)
     skip_compiler_import()
+    release_large_blocks()
     processes = Processes.from_env()
     check_batch_size(cfg.data.batch_size, processes.world_size)
     torch.manual_seed(cfg.seed)
