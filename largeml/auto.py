@@ -73,10 +73,10 @@ MLP_BATCH_ROWS = 256
 # dense_imbalanced 94.67 / 94.52 %, binary_rare — / 97.92 %; at 0.01 the last epochs bounce.
 MLP_LR = 0.003
 # Sparse rows streamed from files are for data larger than memory; a full-batch solver holds
-# them. Up to this size it does (Newton reaches the exact optimum in a few passes); beyond it
-# FTRL streams them, with the weights and its state as the only O(n_features) memory. On the
-# 1 M-row, 2 M-feature set of scripts/bench_sparse.py (328 MB of rows) holding them would take
-# the run past 512 MiB.
+# them, unless its passes read them in place (`streams_in_place`). Up to this size it may hold
+# them (Newton reaches the exact optimum in a few passes); beyond it FTRL streams them, with
+# the weights and its state as the only O(n_features) memory. On the 1 M-row, 2 M-feature set
+# of scripts/bench_sparse.py (328 MB of rows) holding them would take the run past 512 MiB.
 SPARSE_HOLD_MAX = 128 << 20
 # Losses whose full-batch passes over sparse shards are compiled (objective.SECOND_ORDER_LOSSES).
 STREAMED_LOSSES = ("largeml.losses.bce", "largeml.losses.squared_hinge")

@@ -772,6 +772,10 @@ class Trainer:
             "train/lr": self.optimizer.param_groups[0]["lr"],
             **({} if self._grad_norm is None else {"train/grad_norm": self._grad_norm.item()}),
             **figures,
+            # a full-batch solver's counts so far (Newton: its iterations, CG steps, rejected
+            # steps; each CG step one pass over the rows)
+            **{f"solver/{k}": v for k, v in self.optimizer.state.get("solver", {}).items()
+               if isinstance(v, int | float)},
         }
         self.logger.log(self._last_train, self.step)
         self._window_loss.zero_()

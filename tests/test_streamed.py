@@ -97,6 +97,8 @@ def test_newton_over_rows_read_in_place_reaches_the_held_rows_optimum(tmp_path):
     assert streamed["train/objective"] == pytest.approx(held["train/objective"], rel=1e-6)
     assert streamed["val/accuracy"] == pytest.approx(held["val/accuracy"], abs=2e-3)
     assert streamed["perf/samples_per_sec"] > 0
+    assert streamed["solver/iterations"] == held["solver/iterations"] == streamed["step"]
+    assert streamed["solver/cg_iterations"] >= streamed["solver/iterations"]
     w, w_held = trainer.module.linear.weight, held_trainer.module.linear.weight
     assert (w - w_held).norm() <= 1e-3 * w_held.norm()
 
