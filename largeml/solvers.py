@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 
-# _dot widens this many elements at a time: float64 sums without a float64 copy of the whole
+# `dot` widens this many elements at a time: float64 sums without a float64 copy of the whole
 # vectors (two of 16 MB for 2 M weights, at each of CG's several dot products an iteration).
 DOT_CHUNK = 1 << 18
 
