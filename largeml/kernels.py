@@ -240,6 +240,22 @@ if numba is not None:
         return shard, arrays
 
     @_jit_lanes
+    def _max_abs_pieces(pieces, addresses, lengths, out, lanes):  # pragma: no cover
+        # out[c] = max(out[c], |x_ic|) over the rows of pieces: lane l reads every non-zero but
+        # writes only features [l·n/lanes, (l+1)·n/lanes), so no lane writes what another does
+        width = len(out)
+        for lane in numba.prange(lanes):
+            lo_c, hi_c = width * lane // lanes, width * (lane + 1) // lanes
+            for p in range(len(pieces)):
+                indptr, cols, vals = _shard_arrays(addresses, lengths, pieces[p, 0])
+                for i in range(indptr[pieces[p, 1]], indptr[pieces[p, 2]]):
+                    c = cols[i]
+                    if lo_c <= c < hi_c:
+                        v = abs(vals[i])
+                        if v > out[c]:
+                            out[c] = v
+
+    @_jit_lanes
     def _linear_pieces(pieces, addresses, lengths, y, wg, scale, scaled, bias, loss,
                        sums):  # pragma: no cover
         # `_linear_rows` over the rows of pieces (as `_ftrl_pieces` reads them), split among
@@ -547,6 +563,12 @@ def linear_pieces(x, y: Tensor, wg: Tensor, scale: Tensor | None, bias: float, l
     only."""
     _linear_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), wg.numpy(), *_scale(scale, y),
                    bias, loss, sums)
+
+
+def max_abs(x, out: Tensor) -> None:
+    """out_j = max(out_j, max_i |x_ij|) over the rows of `x`, a `largeml.data.stream.RowPieces`
+    read where they lie, split among numba's threads by feature. Compiled only."""
+    _max_abs_pieces(x.pieces, *_compiled_maps(x.maps), out.numpy(), numba.get_num_threads())
 
 
 def linear_scores(x, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:

@@ -700,7 +700,7 @@ class Trainer:
                 raise ConfigError(f"data.scale={self.data.scale}: this model has no input map")
             return
         with self._paused():
-            fitted = scaling.fit(self.data.scale, self._loader(self.data.train_eval),
+            fitted = scaling.fit(self.data.scale, self._eval_rows(self.data.train_eval),
                                  self.data.n_features, self.data.sparse, distributed.sum_,
                                  distributed.max_, self.device)
         self.module.input.set(fitted.shift.to(self.device), fitted.mult.to(self.device))

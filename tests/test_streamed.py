@@ -12,7 +12,7 @@ import torch
 
 from largeml import kernels, objective
 from largeml.data.sources import files
-from largeml.data.stream import ShardStream
+from largeml.data.stream import RowPieces, ShardStream
 from largeml.losses import bce, squared_hinge
 from largeml.models import Linear
 from largeml.schedules import constant
@@ -126,3 +126,23 @@ def test_auto_newton_streams_sparse_files_too_large_to_hold(compose_config, tmp_
     run(compose_config(*overrides, "loss.class_weight=balanced", "trainer.max_epochs=2"),
         tmp_path / "weighted")
     assert "optimizer=auto: ftrl" in caplog.text
+
+
+def test_feature_scaling_from_rows_in_place_is_scaling_from_csr_batches(tmp_path):
+    """data.scale's pass over rows read in place (one compiled pass, split by feature among
+    the lanes) finds each feature's max |x| exactly as over the CSR batches read for it."""
+    from largeml.data import scaling
+
+    root = write_sparse_shards(tmp_path / "train", 3000, 2500, nnz=12)
+    stream = ShardStream(root, batch_size=256, shuffle=False)
+    kernels.set_threads(2)
+
+    def fitted(batches):
+        return scaling.fit("maxabs", batches, 2500, True, lambda t: t, lambda t: t,
+                           torch.device("cpu"))
+
+    assert next(iter(stream))[0].layout == torch.sparse_csr
+    assert isinstance(next(stream.batches_in_place())[0], RowPieces)
+    in_place, csr = fitted(stream.batches_in_place()), fitted(iter(stream))
+    assert in_place.kind == csr.kind == "maxabs"
+    assert torch.equal(in_place.mult, csr.mult) and (csr.mult != 1).any()

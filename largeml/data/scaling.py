@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from largeml import kernels
+from largeml.data.stream import RowPieces
 from largeml.errors import ConfigError
 
 SCALES = ("auto", "standard", "maxabs", "none")
@@ -56,7 +58,9 @@ def fit(scale: str, batches: Iterable[tuple[Tensor, Tensor]], n_features: int, s
     for x, _ in batches:
         x = x.to(device)
         rows += x.shape[0]
-        if x.layout == torch.sparse_csr:
+        if isinstance(x, RowPieces):  # rows read in place (CPU): one compiled pass, both cores
+            kernels.max_abs(x, maxabs)
+        elif x.layout == torch.sparse_csr:
             cols, values = x.col_indices().long(), x.values()
             maxabs.scatter_reduce_(0, cols, values.abs(), reduce="amax")
         else:
