@@ -53,6 +53,7 @@ def available(x: Tensor) -> bool:
 # derivative in the loop, between the row's score and its update.
 BCE, HINGE, SQUARED_HINGE = range(3)
 TINY = 1e-30
+NO_ROWS = np.empty(0, np.float32)  # an array argument a loop is given and never reads
 LOSSES = {losses.bce: BCE, losses.hinge: HINGE, losses.squared_hinge: SQUARED_HINGE}
 
 
@@ -322,11 +323,12 @@ if numba is not None:
         return 2.0 if (2.0 * y - 1.0) * s < 1.0 else 0.0
 
     @_jit_lanes
-    def _newton_point(pieces, addresses, lengths, y, own, scale, scaled, bias, loss,
-                      sums):  # pragma: no cover
+    def _newton_point(pieces, addresses, lengths, y, own, scale, scaled, bias, loss, sums,
+                      curvature):  # pragma: no cover
         # `_linear_pieces` with the Hessian's diagonal besides: own[l] is lane l's (n, 4) of w
         # (read), its gradient and its Σ loss″·x² (added to), and a pad that keeps a feature's
-        # numbers in one cache line; sums[l] its loss sum, Σ ∂loss/∂bias and Σ loss″.
+        # numbers in one cache line; sums[l] its loss sum, Σ ∂loss/∂bias and Σ loss″; each
+        # row's loss″ into curvature[k] unless it is empty.
         n = len(y)
         lanes = own.shape[0]
         where = _rows_of(pieces, n)
@@ -346,6 +348,8 @@ if numba is not None:
                     s += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
                 value, d = _loss(loss, s, y[k])
                 h = _curvature(loss, s, y[k])
+                if len(curvature):
+                    curvature[k] = h
                 total += value
                 bias_grad += d
                 bias_curv += h
@@ -390,6 +394,37 @@ if numba is not None:
                     for i in range(indptr[r], indptr[r + 1]):
                         c = cols[i]
                         mine[c, 2] += q * (scale[c] if scaled else 1.0) * vals[i]
+            sums[lane, 0] += bias_part
+
+    @_jit_lanes
+    def _newton_hvp_at(pieces, addresses, lengths, curvature, own, scale, scaled, bias_v,
+                       sums):  # pragma: no cover
+        # `_newton_hvp` with each row's loss″ given (kept from the pass at the point): own[l] is
+        # lane l's (n, 2) of v (read) beside its part of H·v (added to), half the bytes a
+        # feature, and no score to compute a row.
+        n = len(curvature)
+        lanes = own.shape[0]
+        where = _rows_of(pieces, n)
+        for lane in numba.prange(lanes):
+            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            mine = own[lane]
+            bias_part = 0.0
+            shard = where[min(lo_k, n - 1), 0]
+            arrays = _shard_arrays(addresses, lengths, shard)
+            for k in range(lo_k, hi_k):
+                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
+                indptr, cols, vals = arrays
+                r = where[k, 1]
+                u = bias_v
+                for i in range(indptr[r], indptr[r + 1]):
+                    c = cols[i]
+                    u += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
+                q = curvature[k] * u
+                bias_part += q
+                if q != 0.0:
+                    for i in range(indptr[r], indptr[r + 1]):
+                        c = cols[i]
+                        mine[c, 1] += q * (scale[c] if scaled else 1.0) * vals[i]
             sums[lane, 0] += bias_part
 
     @_jit
@@ -582,13 +617,14 @@ def linear_scores(x, w: Tensor, scale: Tensor | None, bias: float) -> Tensor:
 
 
 def newton_point(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, loss: int,
-                 sums: np.ndarray) -> None:
+                 sums: np.ndarray, curvature: np.ndarray | None = None) -> None:
     """`linear_pieces` that also sums the Hessian's diagonal, for a Newton solver: `own` is
     (lanes, n_features, 4), each lane's w (column 0, read) beside its gradient and its
     Σ loss″·x² (columns 1, 2, added to); `sums[lane]` gets the lane's loss sum, Σ ∂loss/∂bias
-    and Σ loss″. Loss BCE or SQUARED_HINGE. Compiled only."""
+    and Σ loss″; `curvature` (float32, one a row of `x`), if given, each row's loss″. Loss BCE
+    or SQUARED_HINGE. Compiled only."""
     _newton_point(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
-                  bias, loss, sums)
+                  bias, loss, sums, NO_ROWS if curvature is None else curvature)
 
 
 def newton_hvp(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, bias_v: float,
@@ -599,6 +635,15 @@ def newton_hvp(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, bia
     only."""
     _newton_hvp(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
                 bias, bias_v, loss, sums)
+
+
+def newton_hvp_at(x, curvature: np.ndarray, own: Tensor, scale: Tensor | None, bias_v: float,
+                  sums: np.ndarray) -> None:
+    """`newton_hvp` from each row's loss″ (`curvature`, as `newton_point` kept it at the same
+    point): `own` is (lanes, n_features, 2), each lane's v (column 0, read) beside its part of
+    H·v (column 1, added to). Compiled only."""
+    _newton_hvp_at(x.pieces, *_compiled_maps(x.maps), curvature, own.numpy(),
+                   *_scale(scale, torch.from_numpy(NO_ROWS)), bias_v, sums)
 
 
 def newton_hessian(x, y: Tensor, w: Tensor, scale: Tensor | None, bias: float, loss: int,

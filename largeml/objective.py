@@ -322,6 +322,12 @@ class FullBatch:
 
 # The losses `Streamed` knows the second derivative of (`kernels._curvature`).
 SECOND_ORDER_LOSSES = (kernels.BCE, kernels.SQUARED_HINGE)
+# `Streamed` keeps each row's loss″ at its point (4 bytes a row) while all of them take at most
+# this: its Hessian products then need no scores, and read half the bytes a feature (one pass
+# over scripts/bench_sparse.py's uniform set, 2 lanes: 0.12-0.17 s against 0.29 s). Beyond it
+# (16 M rows) they compute each row's score and loss″ again at every pass, holding nothing
+# that grows with the rows.
+CURVATURE_BYTES = 64 << 20
 
 
 class Streamed:
@@ -332,7 +338,8 @@ class Streamed:
     whatever the number of rows.
 
     Calling it gives f and ∇f, and in the same pass the Hessian's diagonal (`diagonal`, Newton's
-    preconditioner); `hvp(v)` is one pass computing each row's score and x·v together;
+    preconditioner) and each row's loss″ (up to `CURVATURE_BYTES` of them); `hvp(v)` is one
+    pass computing x·v a row (and, where no loss″ was kept, each row's score with it);
     `line(d)(t)` evaluates f, ∇f and the diagonal at θ + t·d and keeps them, so that after a
     solver takes that step its next call costs no pass (LIBLINEAR's trust-region Newton does
     the same: one pass a Newton iteration besides its conjugate-gradient steps). `rows()` gives
@@ -358,6 +365,8 @@ class Streamed:
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.n_local = 0  # this process's rows, counted by the first pass
         self.evaluations = 0
+        # whether each evaluation keeps every row's loss″ (this process has at most n_rows)
+        self.keeps_curvature = 4 * n_rows <= CURVATURE_BYTES
 
     def _point(self) -> tuple[Tensor, float]:
         return (self.model.linear.weight.detach().reshape(-1).clone(),
@@ -380,9 +389,11 @@ class Streamed:
         own[:, :, 0] = w
         own[:, :, 1:3] = 0
         sums = np.zeros((len(own), 3))
+        curvature = np.empty(self.n_rows, np.float32) if self.keeps_curvature else None
         rows = 0
         for x, y in self.rows():
-            kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums)
+            kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums,
+                                 None if curvature is None else curvature[rows:rows + len(y)])
             rows += len(y)
         self.n_local = rows
         # The lanes' columns summed as they lie, in float32 as each lane added them (40 ms over
@@ -396,7 +407,8 @@ class Streamed:
         f = loss_mean + 0.5 * self.l2 * dot([w], [w]).item()
         return {"point": (w, b), "f": torch.tensor(f, dtype=torch.float64),
                 "grads": self._split(grad_w, grad_b), "diagonal": self._split(diag_w, diag_b),
-                "loss_sum": torch.tensor(sums[:, 0].sum(), dtype=torch.float64)}
+                "loss_sum": torch.tensor(sums[:, 0].sum(), dtype=torch.float64),
+                "curvature": None if curvature is None else curvature[:rows]}
 
     def _at(self, w: Tensor, b: float) -> dict | None:
         for known in (self.last, self.ahead):
@@ -438,15 +450,28 @@ class Streamed:
         """H·v at the point of the last call: one pass."""
         w, b = self.last["point"]
         v = dict(zip(self.names, vectors, strict=True))
-        own = self.own
-        own[:, :, 0] = w
-        own[:, :, 1] = v["linear.weight"].reshape(-1)
-        own[:, :, 2] = 0
-        sums = np.zeros((len(own), 1))
+        sums = np.zeros((len(self.own), 1))
         v_b = float(v["linear.bias"])
-        for x, y in self.rows():
-            kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums)
-        hv_w = self.reduce(own[:, :, 2].sum(0)).div_(self.n_rows)
+        curvature = self.last["curvature"]
+        if curvature is not None:  # (n, 2) of v and H·v a lane, in the first half of `own`
+            own = self.own.view(len(self.own), -1, 2)[:, :self.own.shape[1]]
+            own[:, :, 0] = v["linear.weight"].reshape(-1)
+            own[:, :, 1] = 0
+            rows = 0
+            for x, _ in self.rows():
+                kernels.newton_hvp_at(x, curvature[rows:rows + len(x)], own, self._scale(),
+                                      v_b, sums)
+                rows += len(x)
+            hv_w = own[:, :, 1].sum(0)
+        else:
+            own = self.own
+            own[:, :, 0] = w
+            own[:, :, 1] = v["linear.weight"].reshape(-1)
+            own[:, :, 2] = 0
+            for x, y in self.rows():
+                kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums)
+            hv_w = own[:, :, 2].sum(0)
+        hv_w = self.reduce(hv_w).div_(self.n_rows)
         hv_w.add_(v["linear.weight"].reshape(-1), alpha=self.l2)
         return self._split(hv_w, float(self.reduce(torch.from_numpy(sums.sum(0)))) / self.n_rows)
 

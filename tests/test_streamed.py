@@ -36,7 +36,8 @@ def _model(features: int) -> Linear:
 
 @pytest.mark.parametrize("loss_fn", [bce, squared_hinge])
 @pytest.mark.parametrize("lanes", [1, 2, 3])
-def test_a_streamed_closure_is_the_full_batch_closure(tmp_path, loss_fn, lanes):
+@pytest.mark.parametrize("keep", [True, False], ids=["loss'' kept", "loss'' recomputed"])
+def test_a_streamed_closure_is_the_full_batch_closure(tmp_path, loss_fn, lanes, keep):
     stream = ShardStream(write_sparse_shards(tmp_path / "s", 1500, 300), batch_size=512,
                          shuffle=False)  # 15 shards of 100 rows: pieces of several shards
     model = _model(300)
@@ -44,7 +45,8 @@ def test_a_streamed_closure_is_the_full_batch_closure(tmp_path, loss_fn, lanes):
                                second_order=True)
     streamed = objective.Streamed(model, kernels.loss_code(loss_fn), stream.batches_in_place,
                                   1e-3, 1500, lanes=lanes)
-    assert len(streamed.own) == lanes
+    assert len(streamed.own) == lanes and streamed.keeps_curvature  # 1500 rows: kept
+    streamed.keeps_curvature = keep  # as past objective.CURVATURE_BYTES
     f_held = held().item()
     g_held = [p.grad.clone() for p in model.parameters()]
     f = streamed().item()
@@ -71,6 +73,8 @@ def test_a_streamed_closure_is_the_full_batch_closure(tmp_path, loss_fn, lanes):
             p.add_(dj, alpha=0.5)
     assert streamed().item() == pytest.approx(held().item(), rel=1e-7)
     assert streamed.evaluations == 3  # θ + 0.5·d was the last point φ evaluated
+    for a, b in zip(streamed.hvp(v), held.hvp(v), strict=True):  # with that point's loss″
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_newton_over_rows_read_in_place_reaches_the_held_rows_optimum(tmp_path):
