@@ -389,11 +389,18 @@ class Streamed:
         own[:, :, 0] = w
         own[:, :, 1:3] = 0
         sums = np.zeros((len(own), 3))
-        curvature = np.empty(self.n_rows, np.float32) if self.keeps_curvature else None
+        # (this process's rows: counted by the first pass, at most n_rows before it)
+        curvature = (np.empty(self.n_local or self.n_rows, np.float32) if self.keeps_curvature
+                     else None)
         rows = 0
         for x, y in self.rows():
-            kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums,
-                                 None if curvature is None else curvature[rows:rows + len(y)])
+            if curvature is not None:
+                if rows + len(y) > len(curvature):
+                    raise RuntimeError("the training rows changed between passes")
+                kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums,
+                                     curvature[rows:rows + len(y)])
+            else:
+                kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums)
             rows += len(y)
         self.n_local = rows
         # The lanes' columns summed as they lie, in float32 as each lane added them (40 ms over
@@ -459,6 +466,8 @@ class Streamed:
             own[:, :, 1] = 0
             rows = 0
             for x, _ in self.rows():
+                if rows + len(x) > len(curvature):
+                    raise RuntimeError("the training rows changed between passes")
                 kernels.newton_hvp_at(x, curvature[rows:rows + len(x)], own, self._scale(),
                                       v_b, sums)
                 rows += len(x)
