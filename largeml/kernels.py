@@ -365,12 +365,14 @@ if numba is not None:
 
     @_jit_lanes
     def _newton_hvp(pieces, addresses, lengths, y, own, scale, scaled, bias, bias_v, loss,
-                    sums):  # pragma: no cover
+                    curvature, sums):  # pragma: no cover
         # Σ_i x_i·loss″(s_i)·(x_i·v + v_bias) over the rows of pieces, split among the lanes:
-        # own[l] is lane l's (n, 4) of w and v (read), the product (added to) and a pad;
-        # sums[l, 0] its Σ loss″·(x·v + v_bias), the bias's part.
+        # own[l] is lane l's v (column 0, read) beside its part of the product (column 1, added
+        # to); loss″ a row is curvature[k], kept from the pass at the point, or where that is
+        # empty is computed from the row's score with w (column 2, read).
         n = len(y)
         lanes = own.shape[0]
+        kept = len(curvature) > 0
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
             lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
@@ -386,40 +388,10 @@ if numba is not None:
                 for i in range(indptr[r], indptr[r + 1]):
                     c = cols[i]
                     x = (scale[c] if scaled else 1.0) * vals[i]
-                    s += mine[c, 0] * x
-                    u += mine[c, 1] * x
-                q = _curvature(loss, s, y[k]) * u
-                bias_part += q
-                if q != 0.0:
-                    for i in range(indptr[r], indptr[r + 1]):
-                        c = cols[i]
-                        mine[c, 2] += q * (scale[c] if scaled else 1.0) * vals[i]
-            sums[lane, 0] += bias_part
-
-    @_jit_lanes
-    def _newton_hvp_at(pieces, addresses, lengths, curvature, own, scale, scaled, bias_v,
-                       sums):  # pragma: no cover
-        # `_newton_hvp` with each row's loss″ given (kept from the pass at the point): own[l] is
-        # lane l's (n, 2) of v (read) beside its part of H·v (added to), half the bytes a
-        # feature, and no score to compute a row.
-        n = len(curvature)
-        lanes = own.shape[0]
-        where = _rows_of(pieces, n)
-        for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
-            mine = own[lane]
-            bias_part = 0.0
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
-            for k in range(lo_k, hi_k):
-                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
-                indptr, cols, vals = arrays
-                r = where[k, 1]
-                u = bias_v
-                for i in range(indptr[r], indptr[r + 1]):
-                    c = cols[i]
-                    u += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
-                q = curvature[k] * u
+                    u += mine[c, 0] * x
+                    if not kept:
+                        s += mine[c, 2] * x
+                q = (curvature[k] if kept else _curvature(loss, s, y[k])) * u
                 bias_part += q
                 if q != 0.0:
                     for i in range(indptr[r], indptr[r + 1]):
@@ -628,22 +600,14 @@ def newton_point(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, l
 
 
 def newton_hvp(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, bias_v: float,
-               loss: int, sums: np.ndarray) -> None:
+               loss: int, sums: np.ndarray, curvature: np.ndarray | None = None) -> None:
     """The Hessian of the summed loss times v (no L2 term), over the rows of `x` (RowPieces)
-    in lanes: `own` is (lanes, n_features, 4), each lane's w and v (columns 0, 1, read) beside
-    its part of H·v (column 2, added to); `sums[lane, 0]` gets its part of the bias's. Compiled
-    only."""
+    in lanes: `own` is (lanes, n_features, 2 or more), each lane's v (column 0, read) beside
+    its part of H·v (column 1, added to); `sums[lane, 0]` gets its part of the bias's. Each
+    row's loss″ is `curvature` (as `newton_point` kept it at the same point), or with None is
+    computed from its score with w, column 2 of `own` (read). Compiled only."""
     _newton_hvp(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
-                bias, bias_v, loss, sums)
-
-
-def newton_hvp_at(x, curvature: np.ndarray, own: Tensor, scale: Tensor | None, bias_v: float,
-                  sums: np.ndarray) -> None:
-    """`newton_hvp` from each row's loss″ (`curvature`, as `newton_point` kept it at the same
-    point): `own` is (lanes, n_features, 2), each lane's v (column 0, read) beside its part of
-    H·v (column 1, added to). Compiled only."""
-    _newton_hvp_at(x.pieces, *_compiled_maps(x.maps), curvature, own.numpy(),
-                   *_scale(scale, torch.from_numpy(NO_ROWS)), bias_v, sums)
+                bias, bias_v, loss, NO_ROWS if curvature is None else curvature, sums)
 
 
 def newton_hessian(x, y: Tensor, w: Tensor, scale: Tensor | None, bias: float, loss: int,

@@ -460,26 +460,22 @@ class Streamed:
         sums = np.zeros((len(self.own), 1))
         v_b = float(v["linear.bias"])
         curvature = self.last["curvature"]
-        if curvature is not None:  # (n, 2) of v and H·v a lane, in the first half of `own`
-            own = self.own.view(len(self.own), -1, 2)[:, :self.own.shape[1]]
-            own[:, :, 0] = v["linear.weight"].reshape(-1)
-            own[:, :, 1] = 0
-            rows = 0
-            for x, _ in self.rows():
-                if rows + len(x) > len(curvature):
-                    raise RuntimeError("the training rows changed between passes")
-                kernels.newton_hvp_at(x, curvature[rows:rows + len(x)], own, self._scale(),
-                                      v_b, sums)
-                rows += len(x)
-            hv_w = own[:, :, 1].sum(0)
-        else:
-            own = self.own
-            own[:, :, 0] = w
-            own[:, :, 1] = v["linear.weight"].reshape(-1)
-            own[:, :, 2] = 0
-            for x, y in self.rows():
-                kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums)
-            hv_w = own[:, :, 2].sum(0)
+        # v and H·v a lane; with the rows' loss″ at hand, (n, 2) of them in the first half of
+        # `own`, else w beside them to compute it
+        own = (self.own if curvature is None else
+               self.own.view(len(self.own), -1, 2)[:, :self.own.shape[1]])
+        own[:, :, 0] = v["linear.weight"].reshape(-1)
+        own[:, :, 1] = 0
+        if curvature is None:
+            own[:, :, 2] = w
+        rows = 0
+        for x, y in self.rows():
+            if curvature is not None and rows + len(y) > len(curvature):
+                raise RuntimeError("the training rows changed between passes")
+            kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums,
+                               None if curvature is None else curvature[rows:rows + len(y)])
+            rows += len(y)
+        hv_w = own[:, :, 1].sum(0)
         hv_w = self.reduce(hv_w).div_(self.n_rows)
         hv_w.add_(v["linear.weight"].reshape(-1), alpha=self.l2)
         return self._split(hv_w, float(self.reduce(torch.from_numpy(sums.sum(0)))) / self.n_rows)
