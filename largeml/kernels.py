@@ -257,24 +257,29 @@ if numba is not None:
                             out[c] = v
 
     @_jit_lanes
-    def _linear_pieces(pieces, addresses, lengths, y, wg, scale, scaled, bias, loss,
-                       sums):  # pragma: no cover
+    def _linear_pieces(pieces, addresses, lengths, y, own, scale, scaled, bias, loss, sums,
+                       curvature):  # pragma: no cover
         # `_linear_rows` over the rows of pieces (as `_ftrl_pieces` reads them), split among
-        # the lanes, one a thread: lane l takes the l-th of len(wg) runs of the batch's rows,
-        # with wg[l] its own copy of w beside its own gradient (one cache line a non-zero, as
-        # in `_linear_rows`), and adds its loss sum and its bias gradient into sums[l]. No
-        # lane writes what another reads.
+        # the lanes, one a thread: lane l takes the l-th of len(own) runs of the batch's rows,
+        # with own[l] its own copy of w (column 0) beside its own gradient (column 1: one
+        # cache line a non-zero, as in `_linear_rows`), and adds its loss sum and its bias
+        # gradient into sums[l, :2]. No lane writes what another reads. With a column 2 (a
+        # Newton solver's (n, 4), the pad keeping a feature in one cache line), also each
+        # feature's Σ loss″·x² into it, Σ loss″ into sums[l, 2], and each row's loss″ into
+        # curvature[k] unless that is empty.
         n = len(y)
-        lanes = wg.shape[0]
+        lanes = own.shape[0]
+        second = own.shape[2] > 2
+        kept = len(curvature) > 0
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
             lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
-            own = wg[lane]
-            total, bias_grad = 0.0, 0.0
+            mine = own[lane]
+            total, bias_grad, bias_curv = 0.0, 0.0, 0.0
             shard = where[min(lo_k, n - 1), 0]
             arrays = _shard_arrays(addresses, lengths, shard)
             for k in range(lo_k, hi_k):
-                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, own)
+                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
                 indptr, cols, vals = arrays
                 r = where[k, 1]
                 # (the row's work is `_linear_rows`'s, written out again: as one inlined helper
@@ -282,16 +287,25 @@ if numba is not None:
                 s = bias
                 for i in range(indptr[r], indptr[r + 1]):
                     c = cols[i]
-                    s += own[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
+                    s += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
                 value, d = _loss(loss, s, y[k])
+                h = _curvature(loss, s, y[k]) if second else 0.0
+                if kept:
+                    curvature[k] = h
                 total += value
                 bias_grad += d
-                if d != 0.0:
+                bias_curv += h
+                if d != 0.0 or h != 0.0:
                     for i in range(indptr[r], indptr[r + 1]):
                         c = cols[i]
-                        own[c, 1] += d * (scale[c] if scaled else 1.0) * vals[i]
+                        x = (scale[c] if scaled else 1.0) * vals[i]
+                        mine[c, 1] += d * x
+                        if second:
+                            mine[c, 2] += h * x * x
             sums[lane, 0] += total
             sums[lane, 1] += bias_grad
+            if second:
+                sums[lane, 2] += bias_curv
 
     @_jit_lanes
     def _linear_scores(pieces, addresses, lengths, w, scale, scaled, bias, out,
@@ -321,47 +335,6 @@ if numba is not None:
             e = math.exp(-abs(s))
             return e / ((1.0 + e) * (1.0 + e))
         return 2.0 if (2.0 * y - 1.0) * s < 1.0 else 0.0
-
-    @_jit_lanes
-    def _newton_point(pieces, addresses, lengths, y, own, scale, scaled, bias, loss, sums,
-                      curvature):  # pragma: no cover
-        # `_linear_pieces` with the Hessian's diagonal besides: own[l] is lane l's (n, 4) of w
-        # (read), its gradient and its Σ loss″·x² (added to), and a pad that keeps a feature's
-        # numbers in one cache line; sums[l] its loss sum, Σ ∂loss/∂bias and Σ loss″; each
-        # row's loss″ into curvature[k] unless it is empty.
-        n = len(y)
-        lanes = own.shape[0]
-        where = _rows_of(pieces, n)
-        for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
-            mine = own[lane]
-            total, bias_grad, bias_curv = 0.0, 0.0, 0.0
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
-            for k in range(lo_k, hi_k):
-                shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
-                indptr, cols, vals = arrays
-                r = where[k, 1]
-                s = bias
-                for i in range(indptr[r], indptr[r + 1]):
-                    c = cols[i]
-                    s += mine[c, 0] * (scale[c] if scaled else 1.0) * vals[i]
-                value, d = _loss(loss, s, y[k])
-                h = _curvature(loss, s, y[k])
-                if len(curvature):
-                    curvature[k] = h
-                total += value
-                bias_grad += d
-                bias_curv += h
-                if d != 0.0 or h != 0.0:
-                    for i in range(indptr[r], indptr[r + 1]):
-                        c = cols[i]
-                        x = (scale[c] if scaled else 1.0) * vals[i]
-                        mine[c, 1] += d * x
-                        mine[c, 2] += h * x * x
-            sums[lane, 0] += total
-            sums[lane, 1] += bias_grad
-            sums[lane, 2] += bias_curv
 
     @_jit_lanes
     def _newton_hvp(pieces, addresses, lengths, y, own, scale, scaled, bias, bias_v, loss,
@@ -569,7 +542,7 @@ def linear_pieces(x, y: Tensor, wg: Tensor, scale: Tensor | None, bias: float, l
     `sums[lane]`. The same sums as one lane, but for the order of the additions. Compiled
     only."""
     _linear_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), wg.numpy(), *_scale(scale, y),
-                   bias, loss, sums)
+                   bias, loss, sums, NO_ROWS)
 
 
 def max_abs(x, out: Tensor) -> None:
@@ -595,8 +568,8 @@ def newton_point(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, l
     Σ loss″·x² (columns 1, 2, added to); `sums[lane]` gets the lane's loss sum, Σ ∂loss/∂bias
     and Σ loss″; `curvature` (float32, one a row of `x`), if given, each row's loss″. Loss BCE
     or SQUARED_HINGE. Compiled only."""
-    _newton_point(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
-                  bias, loss, sums, NO_ROWS if curvature is None else curvature)
+    _linear_pieces(x.pieces, *_compiled_maps(x.maps), y.numpy(), own.numpy(), *_scale(scale, y),
+                   bias, loss, sums, NO_ROWS if curvature is None else curvature)
 
 
 def newton_hvp(x, y: Tensor, own: Tensor, scale: Tensor | None, bias: float, bias_v: float,
