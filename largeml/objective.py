@@ -330,12 +330,19 @@ SECOND_ORDER_LOSSES = (kernels.BCE, kernels.SQUARED_HINGE)
 CURVATURE_BYTES = 64 << 20
 
 
+def _rows_of(curvature: np.ndarray | None, first: int, n: int) -> np.ndarray | None:
+    """Rows [first, first + n) of a pass's kept loss″ (None: none kept)."""
+    if curvature is not None and first + n > len(curvature):
+        raise RuntimeError("the training rows changed between passes")
+    return None if curvature is None else curvature[first:first + n]
+
+
 class Streamed:
     """`FullBatch` for a linear model over sparse rows read in place (`RowPieces`) on the CPU,
     holding none of them: each evaluation is one compiled pass over the shards' memory maps,
     split among `lanes` lanes (each with its own (n_features, 4) of numbers, 16 bytes a
-    feature: at most `LANE_BYTES` in all), so the memory a solver takes is O(n_features)
-    whatever the number of rows.
+    feature: at most `LANE_BYTES` in all), so the memory a solver takes is O(n_features),
+    and at most `CURVATURE_BYTES` more, whatever the number of rows.
 
     Calling it gives f and ∇f, and in the same pass the Hessian's diagonal (`diagonal`, Newton's
     preconditioner) and each row's loss″ (up to `CURVATURE_BYTES` of them); `hvp(v)` is one
@@ -360,7 +367,7 @@ class Streamed:
         width = model.linear.in_features
         lanes = max(1, min(lanes, LANE_BYTES // (16 * width)))
         self.own = torch.zeros(lanes, width, 4)
-        self.last: dict | None = None  # f, ∇f and the diagonal at the point of the last call
+        self.last: dict | None = None  # f, ∇f, the diagonal, loss″ at the last call's point
         self.ahead: dict | None = None  # the same at the point `line` evaluated last
         self.loss_sum = torch.zeros((), dtype=torch.float64)
         self.n_local = 0  # this process's rows, counted by the first pass
@@ -394,13 +401,8 @@ class Streamed:
                      else None)
         rows = 0
         for x, y in self.rows():
-            if curvature is not None:
-                if rows + len(y) > len(curvature):
-                    raise RuntimeError("the training rows changed between passes")
-                kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums,
-                                     curvature[rows:rows + len(y)])
-            else:
-                kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums)
+            kernels.newton_point(x, y, own, self._scale(), b, self.loss, sums,
+                                 _rows_of(curvature, rows, len(y)))
             rows += len(y)
         self.n_local = rows
         # The lanes' columns summed as they lie, in float32 as each lane added them (40 ms over
@@ -470,13 +472,10 @@ class Streamed:
             own[:, :, 2] = w
         rows = 0
         for x, y in self.rows():
-            if curvature is not None and rows + len(y) > len(curvature):
-                raise RuntimeError("the training rows changed between passes")
             kernels.newton_hvp(x, y, own, self._scale(), b, v_b, self.loss, sums,
-                               None if curvature is None else curvature[rows:rows + len(y)])
+                               _rows_of(curvature, rows, len(y)))
             rows += len(y)
-        hv_w = own[:, :, 1].sum(0)
-        hv_w = self.reduce(hv_w).div_(self.n_rows)
+        hv_w = self.reduce(own[:, :, 1].sum(0)).div_(self.n_rows)
         hv_w.add_(v["linear.weight"].reshape(-1), alpha=self.l2)
         return self._split(hv_w, float(self.reduce(torch.from_numpy(sums.sum(0)))) / self.n_rows)
 
