@@ -144,9 +144,9 @@ class Newton(Optimizer):
         of very different frequencies or scales otherwise cost hundreds of iterations), stopped
         once an iteration gains less than `cg_tol` of the average gain so far in the quadratic
         model Q(d) = gᵀd + ½dᵀ(H + μI)d (Nash & Sofer 1990): scale-free, and no tighter than
-        the Newton step needs. Q and H·d both come from the residual r = −g − (H + μI)·d
-        (Q = ½(gᵀd − rᵀd)), as in LIBLINEAR's trust region: no more Hessian products (passes
-        over the data where the rows are streamed) than the iterations."""
+        the Newton step needs. H·d comes from the residual r = −g − (H + μI)·d, as in
+        LIBLINEAR's trust region: no more Hessian products (passes over the data where the rows
+        are streamed) than the iterations."""
 
         def solved(d: list[Tensor], i: int) -> tuple[list[Tensor], list[Tensor], int]:
             return d, [torch.neg(gj).sub_(rj).sub_(dj, alpha=mu)
@@ -171,7 +171,7 @@ class Newton(Optimizer):
             for dj, pj, rj, hj in zip(d, p, r, hp, strict=True):
                 dj.add_(pj, alpha=alpha)
                 rj.add_(hj, alpha=-alpha)
-            q_new = 0.5 * (dot(g, d).item() - dot(r, d).item())
+            q_new = q - 0.5 * alpha * rz  # Q falls by ½·α·rᵀz a step (pᵀr = rᵀz)
             if q_new <= 0 and i * (q_new - q) >= group["cg_tol"] * q_new:
                 return solved(d, i)
             q = q_new
