@@ -13,7 +13,8 @@ run's resolved `config.yaml` (so evaluate, predict and a resume see what was cho
                              to 4096 rows where that stays under 2^20 non-zeros (FTRL learns
                              row by row: see `ftrl_batch_rows`)
                      adagrad (per-feature steps, streamed) for a linear model on more dense
-                             data, or sparse data under torchrun
+                             data, or sparse data under torchrun that Newton's passes
+                             cannot read in place
                      adam    for an MLP (non-convex: stochastic steps, streamed), at lr
                              `MLP_LR` unless optimizer.lr is given
                      (model=rff, a linear layer on fixed random features: lbfgs where its
@@ -134,8 +135,9 @@ def streams_in_place(cfg: DictConfig, data: DataModule, device: torch.device) ->
     """Whether Newton's closure would read the training rows in place at every pass
     (`objective.Streamed`), holding none: the Trainer's test (`Trainer._hold_training_rows`:
     compiled lanes on the CPU, a linear two-class model, a compiled second-order loss), made
-    from the config before there is a Trainer; in one process (under torchrun the Trainer
-    would stream too, but that is untested, so auto keeps adagrad there). For a full-batch
+    from the config before there is a Trainer. Under torchrun each rank reads its share of the
+    rows in place, and f, ∇f and Hessian products are summed over the ranks: 2 processes take
+    the same steps as one (`tests/test_distributed.py`). For a full-batch
     solver, sparse shards of any size then cost memory by the features (and at most
     `objective.CURVATURE_BYTES` by the rows); over scripts/bench_sparse.py's 1 M rows of 40
     non-zeros Newton converged in 6 passes at its points (0.4 s each on 2 cores) and 18
@@ -143,7 +145,6 @@ def streams_in_place(cfg: DictConfig, data: DataModule, device: torch.device) ->
     return (device.type == "cpu" and kernels.numba is not None and data.sparse
             and int(cfg.data.get("num_workers") or 0) == 0
             and hasattr(data.train_eval, "batches_in_place") and data.classes.binary
-            and Processes.from_env().world_size == 1
             and cfg.loss.get("_target_") in STREAMED_LOSSES and not cfg.loss.get("class_weight"))
 
 

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, SMALL, STREAMING, TORCHRUN, free_port, run_cli
+from conftest import (REPO, SMALL, STREAMING, TORCHRUN, free_port, run_cli,
+                      write_sparse_shards)
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.nn.parallel import DistributedDataParallel
 
-from largeml import distributed, losses
+from largeml import distributed, kernels, losses
 from largeml.checkpoint import load_checkpoint
 from largeml.data import synthetic
 from largeml.data.batches import global_batches
@@ -299,6 +300,41 @@ def test_two_processes_solve_the_same_full_batch_problem_as_one(tmp_path, model)
     assert one_metrics["stopped"] == two_metrics["stopped"] == "converged"
     assert two_metrics["train/objective"] == pytest.approx(one_metrics["train/objective"],
                                                            rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(kernels.numba is None, reason="numba is not installed")
+def test_two_processes_solve_the_same_problem_over_sparse_rows_read_in_place(tmp_path):
+    """The default over sparse shards (Newton, each pass reading the rows in place in the
+    shards' memory maps) under torchrun: each rank reads its share (3001 rows: 1500 and 1501),
+    f, ∇f and Hessian products are summed over ranks, so 2 processes take the same Newton and
+    CG steps as one, to the same model."""
+    train = write_sparse_shards(tmp_path / "train", 3001, 2500, nnz=12)
+    val = write_sparse_shards(tmp_path / "val", 701, 2500, nnz=12, seed=1)
+    overrides = ["data=files", f"data.train_path={train}", f"data.val_path={val}"]
+    one = run_cli(f"hydra.run.dir={tmp_path / 'one'}", *overrides, cwd=tmp_path, timeout=180)
+    assert one.returncode == 0, one.stderr + one.stdout
+    code, output = run_torchrun(f"hydra.run.dir={tmp_path / 'two'}", *overrides, cwd=tmp_path)
+    assert code == 0, output
+    for run in ("one", "two"):
+        text = log_text(tmp_path / run / "train.log")
+        assert "optimizer=auto: newton" in text and "read in place at each pass" in text, text
+
+    one_metrics = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    two_metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two_metrics["processes"] == 2 and one_metrics["processes"] == 1
+    assert one_metrics["stopped"] == two_metrics["stopped"] == "converged"
+    for key in ("step", "solver/iterations", "solver/cg_iterations"):
+        assert two_metrics[key] == one_metrics[key], key
+    assert two_metrics["train/objective"] == pytest.approx(one_metrics["train/objective"],
+                                                           rel=1e-6)
+    assert two_metrics["val/accuracy"] == pytest.approx(one_metrics["val/accuracy"],
+                                                        abs=1.5 / 701)
+    single = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    double = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
+    for name, tensor in single.items():
+        torch.testing.assert_close(double[name], tensor, rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def write_shards(root: Path, sizes: list[int], features: int, seed: int) -> Path:

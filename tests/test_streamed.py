@@ -131,6 +131,16 @@ def test_auto_newton_streams_sparse_files_too_large_to_hold(compose_config, tmp_
         tmp_path / "weighted")
     assert "optimizer=auto: ftrl" in caplog.text
 
+    # Under torchrun each rank reads its share in place (2 processes against 1:
+    # tests/test_distributed.py); where the rows cannot be read in place, adagrad streams them
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = files(str(train), None, batch_size=512)
+    for extra, chosen in [([], "newton"), (["data.num_workers=1"], "adagrad"),
+                          (["loss.class_weight=balanced"], "adagrad")]:
+        name, why = auto.optimizer(compose_config(*overrides, *extra), data, torch.device("cpu"))
+        assert name == chosen, (extra, why)
+        assert ("read them in place" in why) == (chosen == "newton")
+
 
 def test_feature_scaling_from_rows_in_place_is_scaling_from_csr_batches(tmp_path):
     """data.scale's pass over rows read in place (one compiled pass, split by feature among
