@@ -417,9 +417,16 @@ if numba is not None:
 
 def set_threads(n: int) -> None:
     """How many threads (and lanes) the compiled loops that split rows among cores use in this
-    thread: this process's share of the cores (numba would take them all)."""
+    thread: this process's share of the cores (numba would take them all). Torch's intra-op
+    threads stay as they were: numba's OpenMP layer runs on torch's OpenMP runtime, where its
+    count would become torch's too (an FTRL run set to one torch thread ran every small torch
+    op of its steps on two, and OpenMP's spinning worker took the second core from the
+    checkpoint writer: the training thread lost 4-16 ms at a time while a checkpoint was
+    written)."""
     if numba is not None:
+        torch_threads = torch.get_num_threads()
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        torch.set_num_threads(torch_threads)
 
 
 def _parts(x: Tensor):

@@ -160,3 +160,23 @@ def test_feature_scaling_from_rows_in_place_is_scaling_from_csr_batches(tmp_path
     in_place, csr = fitted(stream.batches_in_place()), fitted(iter(stream))
     assert in_place.kind == csr.kind == "maxabs"
     assert torch.equal(in_place.mult, csr.mult) and (csr.mult != 1).any()
+
+
+def test_the_compiled_loops_lanes_leave_torchs_threads_as_the_trainer_set_them(tmp_path):
+    """numba's OpenMP layer runs on torch's OpenMP runtime: setting its lanes must not change
+    torch's intra-op threads (an FTRL run set to one torch thread had run every torch op of its
+    steps on two)."""
+    data = files(str(write_sparse_shards(tmp_path / "train", 600, 300)), None, batch_size=128)
+    before = torch.get_num_threads()
+    try:
+        trainer = Trainer(model=Linear(300), data=data, loss_fn=bce,
+                          optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+                          scheduler=constant, l2=1e-3, run_dir=tmp_path / "run", config={},
+                          hparams={}, device="cpu", max_epochs=1, num_threads=1)
+        assert trainer.eval_lanes == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == trainer.num_threads == 1
+        kernels.set_threads(2)
+        assert torch.get_num_threads() == 1
+        assert trainer.fit()["cpu_threads"] == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
