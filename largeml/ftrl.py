@@ -154,9 +154,8 @@ class FTRL(Optimizer):
             return
         alpha, beta, features = group["lr"], group["beta"], state["features"]
         rows = state["rows"]
-        w = kernels.ftrl_weights(features[:, Z], features[:, ROOT], alpha, beta,
-                                 group["l2"] * rows, group.get("l1", 0.0) * rows)
-        self.weight.copy_(w.view_as(self.weight))
+        kernels.ftrl_weights_into(features, alpha, beta, group["l2"] * rows,
+                                  group.get("l1", 0.0) * rows, self.weight.view(-1))
         self.bias.fill_(self._bias_value(alpha, beta))
         self._settled = state["rows"]
 

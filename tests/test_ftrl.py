@@ -94,6 +94,22 @@ def test_the_compiled_loop_is_ftrl_row_by_row(loss_fn):
 
 
 @needs_numba
+@pytest.mark.parametrize("shrink", [0.0, 0.3])
+def test_the_compiled_weights_are_the_torch_forms(shrink):
+    """`settle`'s compiled pass against `ftrl_weights`' torch ops: a feature never seen (z = 0)
+    and, with L1, every |z| ≤ λ1·t, weigh exactly 0."""
+    rng = np.random.default_rng(0)
+    state = torch.from_numpy(np.stack([rng.normal(size=1000), rng.random(1000) * 3], 1)
+                             .astype(np.float32))
+    state[:100] = 0.0  # never seen
+    reference = kernels.ftrl_weights(state[:, 0], state[:, 1], 0.3, 1.0, 0.02, shrink)
+    out = torch.full((1000,), np.nan)
+    kernels.ftrl_weights_into(state, 0.3, 1.0, 0.02, shrink, out)
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=0)
+    assert torch.equal(out == 0, reference == 0) and int((out == 0).sum()) >= 100
+
+
+@needs_numba
 def test_compiled_scores_and_gradients_agree_with_dense_algebra():
     x, width = csr(300, 50, 12), 50
     d, w, scale = torch.randn(300), torch.randn(50), 0.5 + torch.rand(50)

@@ -8,12 +8,18 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from largeml import kernels
 from largeml.logger import HISTOGRAM_BINS, RunLogger, histogram
 
 pytestmark = pytest.mark.unit
 
 
-def test_histogram_is_numpys_equal_bins():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_histogram_is_numpys_equal_bins(compiled, monkeypatch):
+    if not compiled:  # the torch reductions, as without numba
+        monkeypatch.setattr(kernels, "available", lambda x: False)
+    elif kernels.numba is None:
+        pytest.skip("numba is not installed")
     values = torch.randn(100_003, generator=torch.Generator().manual_seed(0)) * 3 + 1
     lo, hi, count, total, squares, edges, counts = histogram(values)
     reference, reference_edges = np.histogram(values.numpy(), HISTOGRAM_BINS)
