@@ -219,6 +219,7 @@ class Trainer:
         self._grad_norm: Tensor | None = None  # of the last step of a logging window
         self._progress = Progress(self.total_steps, enabled=self.processes.main)
         self._last_train: dict[str, float] = {}
+        self.epoch_seconds: float | None = None  # the wall time of the last epoch, in full
         self._last_val: dict[str, float] = {}
         self._last_val_step = -1
 
@@ -294,6 +295,7 @@ class Trainer:
         self._progress.start(self.step)
         self.sigterm.reset(self.step)
         while self.step < self.total_steps and self.stop_reason is None:
+            started = time.perf_counter()
             for batches in _timed(self._epoch_groups(), self._waited):
                 logging_step = (self.step + 1) % self.log_every_n_steps == 0
                 self._window_loss += self.train_step(batches, grad_norm=logging_step)
@@ -323,6 +325,9 @@ class Trainer:
             if end_of_epoch:
                 self._check_convergence(metrics)
             self.save_checkpoint()
+            if end_of_epoch:  # what the epoch cost: its steps, validation and checkpoint
+                self.epoch_seconds = time.perf_counter() - started
+                self.logger.log({"perf/epoch_seconds": self.epoch_seconds}, self.step)
         if self.stop_reason is None:  # the cap
             self.stop_reason = ("max_steps" if self.max_steps is not None
                                 and self.step >= self.max_steps else "max_epochs")
@@ -817,6 +822,7 @@ class Trainer:
             **(self._last_val if val is None else val),
             **self._last_train,
             "perf/samples_per_sec": self.rows_seen / max(self.train_seconds, 1e-9),
+            **({} if self.epoch_seconds is None else {"perf/epoch_seconds": self.epoch_seconds}),
             "step": self.step,
             "epoch": self.epoch,
             "cpu_threads": self.num_threads,

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ from largeml.models import MLP, Linear
 
 pytestmark = pytest.mark.e2e
 
-METRICS = ["train/loss", "train/lr", "perf/samples_per_sec", "val/loss", "val/accuracy", "val/auc"]
+METRICS = ["train/loss", "train/lr", "perf/samples_per_sec", "perf/epoch_seconds", "val/loss",
+           "val/accuracy", "val/auc"]
 
 
 def read_events(run_dir: Path) -> EventAccumulator:
@@ -49,7 +51,9 @@ def hparams_of(events: EventAccumulator) -> tuple[dict, list[str]]:
 )
 def test_train_writes_the_run_directory(tmp_path, overrides, model_class, loss):
     run_dir = tmp_path / "run"
+    started = time.perf_counter()
     result = run_cli(f"hydra.run.dir={run_dir}", *SMALL, *overrides, cwd=tmp_path)
+    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr + result.stdout
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -74,6 +78,9 @@ def test_train_writes_the_run_directory(tmp_path, overrides, model_class, loss):
         assert series, name
         assert series[-1].value == pytest.approx(metrics[name], rel=1e-6)
     assert len(events.Scalars("val/accuracy")) >= 2  # once per epoch at least
+    # each epoch's wall time, at its last step (the final metrics repeat the last one)
+    epochs = {e.step: e.value for e in events.Scalars("perf/epoch_seconds")}
+    assert len(epochs) == 2 and 0 < sum(epochs.values()) < elapsed
 
     assert "step" not in events.Tags()["scalars"]  # counters stay in metrics.json
 
