@@ -76,9 +76,10 @@ def histogram(values: Tensor, bins: int = HISTOGRAM_BINS) -> tuple | None:
     `SummaryWriter.add_histogram_raw` takes them: (min, max, count, sum, sum of squares, each
     bin's upper edge, each bin's count); None if no value is finite.
 
-    By torch reductions, not `add_histogram`: that one converts the values to float64 in numpy
-    and takes their sum of squares with numpy's BLAS, whose threads then spin for a while on
-    both cores. Over the 611 k weights of scripts/bench_sparse.py's click set the next epoch's
+    On the CPU one compiled pass (`kernels.binned`) after torch's min and max, else torch
+    reductions; not `add_histogram`: that one converts the values to float64 in numpy and
+    takes their sum of squares with numpy's BLAS, whose threads then spin for a while on both
+    cores. Over the 611 k weights of scripts/bench_sparse.py's click set the next epoch's
     first ~10 batches each lost 4-20 ms to them (0.05-0.08 s an epoch)."""
     lo, hi = torch.aminmax(values)
     if not (math.isfinite(lo) and math.isfinite(hi)):  # a diverged model: what is finite

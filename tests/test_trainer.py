@@ -141,3 +141,27 @@ def test_training_leaves_the_objects_it_started_with_out_of_full_collections(tmp
         assert gc.get_freeze_count() > 0  # not unfrozen by fit()
     finally:
         gc.unfreeze()
+
+
+def test_a_checkpoints_copy_reuses_the_last_copys_tensors_with_the_new_values():
+    from largeml.trainer import _snapshot
+
+    weight, state = torch.randn(3, 4), torch.zeros(5, 2)
+    live = {"model": {"weight": weight}, "optimizer": [state, 7], "map": torch.ones(1).expand(6)}
+    first = _snapshot(live)
+    assert first["model"]["weight"] is not weight and torch.equal(first["model"]["weight"], weight)
+    weight.add_(1.0)
+    state.fill_(2.0)
+    live["model"]["bias"] = torch.ones(2)  # new in this state: a new tensor
+    live["optimizer"][1] = 8
+    second = _snapshot(live, first)
+    assert second["model"]["weight"] is first["model"]["weight"]  # the same memory, new values
+    assert torch.equal(second["model"]["weight"], weight)
+    assert second["optimizer"][0] is first["optimizer"][0]
+    assert torch.equal(second["optimizer"][0], state) and second["optimizer"][1] == 8
+    assert torch.equal(second["model"]["bias"], torch.ones(2))
+    assert torch.equal(second["map"], torch.ones(6)) and second["map"].stride(0) == 0
+    weight.add_(1.0)  # training goes on: the copy stays as it was
+    assert not torch.equal(second["model"]["weight"], weight)
+    third = _snapshot({"model": {"weight": torch.zeros(2, 2)}}, second)  # another shape
+    assert third["model"]["weight"] is not second["model"]["weight"]
