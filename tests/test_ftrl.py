@@ -95,14 +95,18 @@ def test_the_compiled_loop_is_ftrl_row_by_row(loss_fn):
 
 @needs_numba
 @pytest.mark.parametrize("shrink", [0.0, 0.3])
-def test_the_compiled_weights_are_the_torch_forms(shrink):
-    """`settle`'s compiled pass against `ftrl_weights`' torch ops: a feature never seen (z = 0)
-    and, with L1, every |z| ≤ λ1·t, weigh exactly 0."""
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_compiled_weights_are_the_torch_forms(shrink, compiled, monkeypatch):
+    """`settle`'s compiled pass (and its torch fallback, writing into the same view) against
+    `ftrl_weights`' torch ops: a feature never seen (z = 0) and, with L1, every |z| ≤ λ1·t,
+    weigh exactly 0."""
     rng = np.random.default_rng(0)
     state = torch.from_numpy(np.stack([rng.normal(size=1000), rng.random(1000) * 3], 1)
                              .astype(np.float32))
     state[:100] = 0.0  # never seen
     reference = kernels.ftrl_weights(state[:, 0], state[:, 1], 0.3, 1.0, 0.02, shrink)
+    if not compiled:  # the torch ops, as on the GPU
+        monkeypatch.setattr(kernels, "available", lambda x: False)
     out = torch.full((1000,), np.nan)
     kernels.ftrl_weights_into(state, 0.3, 1.0, 0.02, shrink, out)
     torch.testing.assert_close(out, reference, rtol=1e-6, atol=0)
