@@ -410,15 +410,13 @@ if numba is not None:
 
     @_jit_exact
     def _binned(values, lo, hi, counts):  # pragma: no cover
-        # (Σv, Σv²) in float64 over the finite values, each counted in its bin of `counts`
-        # (equal bins from lo to hi, hi in the last), as np.histogram's arithmetic does
+        # (Σv, Σv²) in float64, each value counted in its bin of `counts` (equal bins from lo
+        # to hi, hi in the last), as np.histogram's arithmetic does
         bins = len(counts)
         width = (hi - lo) / bins
         total, squares = 0.0, 0.0
         for v32 in values:
             v = np.float64(v32)
-            if not math.isfinite(v):
-                continue
             total += v
             squares += v * v
             k = min(int((v - lo) / width), bins - 1)
@@ -494,8 +492,8 @@ def ftrl_weights_into(state: Tensor, alpha: float, beta: float, decay: float, sh
 
 
 def binned(values: Tensor, lo: float, hi: float, bins: int) -> tuple[list[float], float, float]:
-    """(the count of each of `bins` equal bins from lo to hi, Σv, Σv²) over the finite values
-    of a 1-d CPU tensor whose finite values lie in [lo, hi], lo < hi. Compiled: one pass (2 ms
+    """(the count of each of `bins` equal bins from lo to hi, Σv, Σv²) over the values of a
+    1-d CPU tensor, all in [lo, hi] (finite), lo < hi. Compiled: one pass (2 ms
     over 2 M weights, against 15 ms for torch's histc and float64 sums)."""
     counts = np.zeros(bins, np.int64)
     total, squares = _binned(values.numpy(), lo, hi, counts)

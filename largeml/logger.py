@@ -88,18 +88,14 @@ def histogram(values: Tensor, bins: int = HISTOGRAM_BINS) -> tuple | None:
             return None
         lo, hi = torch.aminmax(values)
     lo, hi = float(lo), float(hi)
-    if lo == hi:
-        edges, counts = [hi], [float(len(values))]
-    elif kernels.available(values):  # one compiled pass for the counts and both sums
+    if lo < hi and kernels.available(values):  # one compiled pass: the counts and both sums
         counts, total, squares = kernels.binned(values, lo, hi, bins)
-        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist()
-        return lo, hi, len(values), total, squares, edges, counts
     else:
-        counts = torch.histc(values, bins, lo, hi).tolist()
-        edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist()
-    squares = float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
-    return (lo, hi, len(values), float(values.sum(dtype=torch.float64)), squares, edges,
-            counts)
+        counts = torch.histc(values, bins, lo, hi).tolist() if lo < hi else [float(len(values))]
+        total = float(values.sum(dtype=torch.float64))
+        squares = float(torch.linalg.vector_norm(values, dtype=torch.float64)) ** 2
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)[1:].tolist() if lo < hi else [hi]
+    return lo, hi, len(values), total, squares, edges, counts
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, HParamValue]:
