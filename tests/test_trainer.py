@@ -10,7 +10,7 @@ from largeml import losses
 from largeml.data import synthetic
 from largeml.models import MLP, Linear, l2_penalty
 from largeml.schedules import constant
-from largeml.trainer import Trainer
+from largeml.trainer import Diverged, Trainer
 
 pytestmark = pytest.mark.unit
 
@@ -165,3 +165,29 @@ def test_a_checkpoints_copy_reuses_the_last_copys_tensors_with_the_new_values():
     assert not torch.equal(second["model"]["weight"], weight)
     third = _snapshot({"model": {"weight": torch.zeros(2, 2)}}, second)  # another shape
     assert third["model"]["weight"] is not second["model"]["weight"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_not_finite_is_never_saved(tmp_path, bad):
+    trainer = make_trainer(Linear(5), losses.bce, 0.01, tmp_path, max_epochs=1, tol=0)
+    trainer.fit()
+    saved = sorted((tmp_path / "checkpoints").glob("step-*.pt"))
+    with torch.no_grad():
+        trainer.module.linear.weight[0, 3] = bad
+    trainer.step += 1  # a step not saved yet
+    with pytest.raises(Diverged, match="weights are not finite"):
+        trainer.save_checkpoint()
+    assert sorted((tmp_path / "checkpoints").glob("step-*.pt")) == saved
+
+
+def test_all_finite_is_torchs_isfinite_all():
+    from largeml.trainer import _all_finite
+
+    values = torch.randn(1000)
+    assert _all_finite(values) and _all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 500, 999):
+            broken = values.clone()
+            broken[where] = bad
+            assert not _all_finite(broken) and not bool(torch.isfinite(broken).all())
+    assert _all_finite(torch.full((3,), torch.finfo(torch.float32).max))
