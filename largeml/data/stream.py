@@ -35,11 +35,10 @@ import bisect
 import os
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
@@ -53,7 +52,6 @@ from largeml.labels import Classes
 Batch = tuple[Tensor, Tensor]
 Runs = list[tuple[int, int]]  # (first row, rows) runs of a batch, rows counted within the slice
 PREFETCH = 1  # batches read ahead of the consumer (2 was no faster on 2 cores)
-T = TypeVar("T")
 
 
 class ShardStream(IterableDataset):
@@ -128,10 +126,20 @@ class ShardStream(IterableDataset):
         reader = _SparseReader(self) if self.sparse else _DenseReader(self, reuse=info is None)
         # Each item reads the next batch; planned a group at a time as the epoch goes, not all
         # at its start (an epoch of a large set has millions of batches).
+        work = (partial(self._read, reader, runs) for runs in self.lane_runs(lane, n_workers))
+        pool = ThreadPoolExecutor(max_workers=1)
+        pending: deque[Future[Batch]] = deque()
         try:
-            yield from _ahead(partial(self._read, reader, runs)
-                              for runs in self.lane_runs(lane, n_workers))
+            for item in work:
+                pending.append(pool.submit(item))
+                if len(pending) > PREFETCH:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
+            for future in pending:
+                future.cancel()
+            pool.shutdown(wait=True)
             reader.close()
 
     def _read(self, reader: "_DenseReader | _SparseReader", runs: Runs) -> Batch:
@@ -140,18 +148,16 @@ class ShardStream(IterableDataset):
 
     def batches_in_place(self) -> Iterator[tuple["RowPieces", Tensor]]:
         """This epoch's batches (one lane: all of them, from start_batch on) as RowPieces, with
-        their labels (the only bytes copied: 4 a row), each found by the thread one ahead."""
+        their labels (the only bytes copied: 4 a row)."""
         if self.maps is None:
             self.maps = ShardMaps(self.index)
-        yield from _ahead(partial(self._in_place, runs) for runs in self.lane_runs(0, 1))
-
-    def _in_place(self, runs: Runs) -> tuple["RowPieces", Tensor]:
-        pieces = np.array([piece for first, rows in runs for piece in self.pieces(first, rows)],
-                          np.int64).reshape(-1, 3)
-        y = torch.from_numpy(np.concatenate([self.maps.y[shard][lo:hi]
-                                             for shard, lo, hi in pieces]))
-        return (RowPieces(pieces, self.maps, self.n_features),
-                y if self.label_map is None else self.label_map(y))
+        for runs in self.lane_runs(0, 1):
+            pieces = np.array([piece for first, rows in runs for piece in self.pieces(first, rows)],
+                              np.int64).reshape(-1, 3)
+            y = torch.from_numpy(np.concatenate([self.maps.y[shard][lo:hi]
+                                                 for shard, lo, hi in pieces]))
+            yield (RowPieces(pieces, self.maps, self.n_features),
+                   y if self.label_map is None else self.label_map(y))
 
     def lane_runs(self, lane: int, n_workers: int) -> Iterator[Runs]:
         """The runs of each batch that lane `lane` of `n_workers` serves this epoch, from its
@@ -357,24 +363,6 @@ def _csr(crow: np.ndarray, indices: np.ndarray, values: np.ndarray, n_features: 
         return torch.sparse_csr_tensor(torch.from_numpy(crow.astype(np.int32)),
                                        torch.from_numpy(indices), torch.from_numpy(values),
                                        size=(len(crow) - 1, n_features), check_invariants=False)
-
-
-def _ahead(work: Iterable[Callable[[], T]]) -> Iterator[T]:
-    """The results of `work`'s items in order, each computed by a thread PREFETCH items ahead
-    of the consumer: a batch is prepared while the one before it is trained on."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    pending: deque[Future[T]] = deque()
-    try:
-        for item in work:
-            pending.append(pool.submit(item))
-            if len(pending) > PREFETCH:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        for future in pending:
-            future.cancel()
-        pool.shutdown(wait=True)
 
 
 class ShardMaps:
