@@ -142,14 +142,16 @@ def test_auto_newton_streams_sparse_files_too_large_to_hold(compose_config, tmp_
         assert ("read them in place" in why) == (chosen == "newton")
 
 
-def test_feature_scaling_from_rows_in_place_is_scaling_from_csr_batches(tmp_path):
-    """data.scale's pass over rows read in place (one compiled pass, split by feature among
-    the lanes) finds each feature's max |x| exactly as over the CSR batches read for it."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_feature_scaling_from_rows_in_place_is_scaling_from_csr_batches(tmp_path, lanes):
+    """data.scale's pass over rows read in place (one compiled pass, each lane its share of a
+    batch's rows and its own maxima) finds each feature's max |x| exactly as over the CSR
+    batches read for it."""
     from largeml.data import scaling
 
     root = write_sparse_shards(tmp_path / "train", 3000, 2500, nnz=12)
     stream = ShardStream(root, batch_size=256, shuffle=False)
-    kernels.set_threads(2)
+    kernels.set_threads(lanes)
 
     def fitted(batches):
         return scaling.fit("maxabs", batches, 2500, True, lambda t: t, lambda t: t,

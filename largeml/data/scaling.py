@@ -55,11 +55,13 @@ def fit(scale: str, batches: Iterable[tuple[Tensor, Tensor]], n_features: int, s
     sums = torch.zeros(n_features, dtype=torch.float64, device=device)
     squares = torch.zeros(n_features, dtype=torch.float64, device=device)
     maxabs = torch.zeros(n_features, device=device)
+    lanes = None  # the compiled pass's maxima, a row a core (rows read in place)
     for x, _ in batches:
         x = x.to(device)
         rows += x.shape[0]
         if isinstance(x, RowPieces):  # rows read in place (CPU): one compiled pass, both cores
-            kernels.max_abs(x, maxabs)
+            lanes = kernels.max_abs_lanes(n_features) if lanes is None else lanes
+            kernels.max_abs(x, lanes)
         elif x.layout == torch.sparse_csr:
             cols, values = x.col_indices().long(), x.values()
             maxabs.scatter_reduce_(0, cols, values.abs(), reduce="amax")
@@ -68,6 +70,8 @@ def fit(scale: str, batches: Iterable[tuple[Tensor, Tensor]], n_features: int, s
             # float32 within a batch (8192 rows), float64 across batches
             sums += x.sum(dim=0).double()
             squares += (x * x).sum(dim=0).double()
+    if lanes is not None:
+        maxabs = torch.maximum(maxabs, lanes.amax(0))
     rows, sums, squares, maxabs = total(rows), total(sums), total(squares), largest(maxabs)
     used = maxabs > 0
     low, high = AUTO_RANGE
