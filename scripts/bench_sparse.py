@@ -36,7 +36,11 @@ polled every 20 ms) kept for each:
   too: wall time, epochs, `stopped`. The optimizer and feature scaling that
   largeml chose (`auto`) are read from the run's config.yaml and log.
 - SGDClassifier(loss="log_loss", max_iter=1 and 3, tol=None, random_state=0, otherwise default):
-  fit time on the in-memory CSR matrix, the median of --repeats fits.
+  fit time on the in-memory CSR matrix, the median of --repeats fits. And the 1-epoch fit
+  again, in a second process of its own kept alive beside largeml's runs: once before each
+  pair of them and once after the last, so that each pair's epoch is set against SGD's fits
+  in the same minutes (this VM's speed drifts from one minute to the next, and the blocks
+  above are minutes apart); the report sets their median against the epoch's.
 - Vowpal Wabbit through `vowpalwabbit.Workspace`, which runs the `vw` driver when given a data
   source or --passes: its cache is built by an untimed pass over the text, then one pass and
   three passes from the cache are timed, medians of --repeats (`--loss_function logistic
@@ -320,13 +324,16 @@ def largeml_run(root: Path, name: str, overrides: list[str], extra: list[str]) -
             "feature_scaling": scaling.group(1) if scaling else None}
 
 
-def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int) -> dict:
+def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int,
+                  beside: "SgdBeside") -> dict:
     # Untimed first: the first run after a code change compiles and caches largeml's kernels.
     epochs = [*STREAMING, "trainer.tol=0"]
     warmup = largeml_run(root, "warmup", [*epochs, "trainer.max_epochs=1"], extra)
-    pairs = [(largeml_run(root, "epochs1", [*epochs, "trainer.max_epochs=1"], extra),
-              largeml_run(root, "epochs3", [*epochs, "trainer.max_epochs=3"], extra))
-             for _ in range(repeats)]  # interleaved: a slow spell of the machine hits both
+    pairs, sgd_s = [], [beside.fit()]
+    for _ in range(repeats):  # interleaved: a slow spell of the machine hits both
+        pairs.append((largeml_run(root, "epochs1", [*epochs, "trainer.max_epochs=1"], extra),
+                      largeml_run(root, "epochs3", [*epochs, "trainer.max_epochs=3"], extra)))
+        sgd_s.append(beside.fit())
     epochs_s = [(three["wall_s"] - one["wall_s"]) / 2 for one, three in pairs]
     epoch_s = float(np.median(epochs_s))
     # The same epoch as the Trainer times it (`perf/epoch_seconds`: its steps, validation and
@@ -340,7 +347,11 @@ def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int) -> dict
     return {"warmup": warmup, "epochs1": one, "epochs3": three, "streaming": streaming,
             "defaults": default, "epoch_s": epoch_s, "epoch_s_each": epochs_s,
             "rows_per_s": rows / epoch_s if epoch_s > 0 else float("nan"),
-            "second_epoch_s": second_s, "second_epoch_s_each": seconds}
+            "second_epoch_s": second_s, "second_epoch_s_each": seconds,
+            "sgd_between_s_each": sgd_s, "sgd_between_s": float(np.median(sgd_s)),
+            # medians of the same minutes (not round by round: an epoch, as a difference of
+            # two runs, can come out near 0 or below in one round)
+            "between_ratio": float(np.median(sgd_s)) / epoch_s if epoch_s > 0 else float("nan")}
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -379,6 +390,53 @@ def peer_sgd(root: Path, repeats: int) -> dict:
         result[f"epochs{epochs}"] = {"fit_s": seconds, "fit_s_each": each,
                                      "val_accuracy": float(model.score(x_val, y_val))}
     return result
+
+
+def sgd_beside(root: Path) -> None:
+    """A child kept alive beside largeml's runs: one SGDClassifier 1-epoch fit (as
+    `peer_sgd`'s) for each line on stdin, its seconds printed as a line."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import SGDClassifier
+
+    x, y = load_csr(root / "train")
+    model = SGDClassifier(loss="log_loss", max_iter=1, tol=None, random_state=0)
+    print("ready", flush=True)
+    for _ in sys.stdin:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            seconds = timed_fits(lambda: model.fit(x, y), 1)[0]
+        print(seconds, flush=True)
+
+
+class SgdBeside:
+    """`sgd_beside` in a child process of this script: `fit()` times one fit there, between
+    largeml's runs, so that both sides of a ratio meet the machine in the same spell."""
+
+    def __init__(self, root: Path) -> None:
+        self.log = open(root / "peer-sgd-beside.log", "w")
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--beside", "--set-dir", str(root)], cwd=REPO,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._line()  # "ready": the data are loaded
+
+    def _line(self) -> str:
+        line = self.process.stdout.readline()
+        if not line:
+            self.log.close()
+            fail(f"SGD beside largeml exit {self.process.wait()}", Path(self.log.name))
+        return line
+
+    def fit(self) -> float:
+        self.process.stdin.write("fit\n")
+        self.process.stdin.flush()
+        return float(self._line())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+        self.log.close()
 
 
 def peer_liblinear(root: Path, repeats: int) -> dict:
@@ -486,6 +544,9 @@ def report(meta: dict, r: dict) -> str:
         ("VW, 3 passes from cache", vw3["passes_used"], vw3["fit_s"], vw3_rows / vw3["fit_s"],
          vw3["val_accuracy"], None,
          f"trains on {vw3['rows_per_pass'] or rows:,} rows a pass (holds 1 in 10 out)"),
+        ("SGDClassifier log_loss, 1 epoch, timed between largeml's runs", 1,
+         lm["sgd_between_s"], rows / lm["sgd_between_s"], None, None,
+         "the median of a fit before each pair and one after the last, in a process of its own"),
         ("largeml FTRL epoch: (3-epoch - 1-epoch wall) / 2", 1, lm["epoch_s"],
          lm["rows_per_s"], None, None, f"`{' '.join(STREAMING)}`; validation included"),
         ("largeml FTRL epoch 2 of the 3-epoch runs, as timed inside", 1, lm["second_epoch_s"],
@@ -532,6 +593,10 @@ def report(meta: dict, r: dict) -> str:
             f"| {method} | {fmt(epochs, 'd')} | {fmt(seconds, '.2f')} | "
             f"{fmt(rate, '.3f', 1e-6, ' M')} | {fmt(rate, '.3f', 1 / best)} | "
             f"{fmt(accuracy, '.2f', 100, ' %')} | {fmt(peak, '.0f')} | {notes} |")
+    each = ", ".join(f"{seconds:.2f}" for seconds in lm["sgd_between_s_each"])
+    lines += ["", f"In the same minutes (SGDClassifier's fits between largeml's runs, "
+              f"{each} s): largeml's FTRL epoch at {fmt(lm['between_ratio'], '.2f')}x its rows/s "
+              f"({fmt(lm['sgd_between_s'], '.2f')} s against {fmt(lm['epoch_s'], '.2f')} s)."]
     return "\n".join(lines)
 
 
@@ -564,6 +629,7 @@ def parse_args() -> argparse.Namespace:
                         help="timed runs of each epoch count (medians reported); LIBLINEAR "
                         "and largeml's default run: once")
     parser.add_argument("--peer", choices=sorted(PEER_FUNCTIONS), help=argparse.SUPPRESS)
+    parser.add_argument("--beside", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--set-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -578,6 +644,9 @@ def main() -> None:
     args = parse_args()
     if args.peer:  # a child process: one peer on one set
         args.result.write_text(json.dumps(PEER_FUNCTIONS[args.peer](args.set_dir, args.repeats)))
+        return
+    if args.beside:  # a child process: SGD's 1-epoch fits between largeml's runs
+        sgd_beside(args.set_dir)
         return
     check_peers()
     extra = shlex.split(args.largeml_args)
@@ -600,7 +669,12 @@ def main() -> None:
             print(f"[{kind}] {name} ...", file=sys.stderr)
             results[name] = run_peer(root, name, args.repeats)
         print(f"[{kind}] largeml ...", file=sys.stderr)
-        results["largeml"] = bench_largeml(root, meta["rows"]["train"], extra, args.repeats)
+        beside = SgdBeside(root)
+        try:
+            results["largeml"] = bench_largeml(root, meta["rows"]["train"], extra,
+                                               args.repeats, beside)
+        finally:
+            beside.close()
         everything["datasets"][kind] = {"meta": meta, **results}
         if args.json:  # after each set, so a later failure keeps what was measured
             args.json.write_text(json.dumps(everything, indent=1))
