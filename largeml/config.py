@@ -75,6 +75,7 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{key} is required: add data.{key}=... to the command")
 
     _positive(cfg, "optimizer.lr", optional=is_auto(cfg.optimizer))
+    _positive(cfg, "optimizer.hogwild", integer=True, optional=True)
     tol = cfg.trainer.get("tol")
     if isinstance(tol, bool) or not isinstance(tol, int | float) or tol < 0:
         raise ConfigError(f"trainer.tol must be a number >= 0 (0: no stopping rule), got {tol!r}")

@@ -238,6 +238,11 @@ class Trainer:
             else f"{type(self.optimizer).__name__} on batches", self.total_steps,
             self.steps_per_epoch, self.precision, self.tol,
         )
+        hogwild = getattr(self.optimizer, "hogwild", 1)
+        if hogwild > 1 and self.device.type == "cpu":
+            log.info("optimizer.hogwild=%d: each batch learnt on %d cores at once, sharing the "
+                     "state without locks (Hogwild): a run is not repeated bit for bit", hogwild,
+                     min(hogwild, kernels.lanes()))
         self._resume()
         if self.processes.main:  # resumed: TensorBoard hides what a killed run logged later
             self.logger = RunLogger(self.run_dir, purge_step=self.step or None)

@@ -104,6 +104,7 @@ def test_regularization_c_is_lambda_times_n(compose_config, tmp_path):
     "overrides, key",
     [
         (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer=ftrl", "optimizer.hogwild=0"], "optimizer.hogwild"),
         (["data.batch_size=-4"], "data.batch_size"),
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches"),
         (["trainer.grad_clip_norm=-1"], "trainer.grad_clip_norm"),

@@ -93,6 +93,53 @@ def test_the_compiled_loop_is_ftrl_row_by_row(loss_fn):
     torch.testing.assert_close(bias, expected[2], rtol=1e-6, atol=1e-8)
 
 
+@pytest.fixture
+def two_lanes():
+    """numba's loops on two threads for the test (they may have been set to fewer)."""
+    if kernels.numba is None or kernels.numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Hogwild lanes need numba and two threads")
+    before = kernels.lanes()
+    kernels.set_threads(2)
+    yield
+    kernels.set_threads(before)
+
+
+@pytest.mark.parametrize("loss_fn", [bce, hinge])
+def test_hogwild_lanes_on_features_of_their_own_are_ftrl_on_each_lanes_rows(two_lanes, loss_fn):
+    """optimizer.hogwild=2, where no feature is in both halves of the batch (so nothing races):
+    each half's features are FTRL over that half's rows alone, from the batch's start, and the
+    bias's z and n are the start's plus both halves' changes."""
+    g = torch.Generator().manual_seed(3)
+    halves = [csr(30, 10, 6, seed=1), csr(30, 10, 6, seed=2)]  # features 0-9, then 10-19
+    zeros = torch.zeros(30, 10)
+    x = torch.cat([torch.cat([halves[0].to_dense(), zeros], 1),
+                   torch.cat([zeros, halves[1].to_dense()], 1)])
+
+    def rows_of(part):  # as CSR with int32 indices, as the data path gives them
+        c = part.to_sparse_csr()
+        return torch.sparse_csr_tensor(c.crow_indices().int(), c.col_indices().int(), c.values(),
+                                       size=c.shape)
+    state = torch.zeros(20, kernels.WIDTH)
+    state[:, kernels.Z] = 0.1 * torch.randn(20, generator=g)
+    state[:, kernels.ROOT] = torch.rand(20, generator=g)
+    scale = 0.5 + torch.rand(20, generator=g)
+    bias = torch.tensor([0.2, 0.5], dtype=torch.float64)
+    y = (torch.rand(60, generator=g) > 0.5).float()
+    expected = [reference_rows(rows_of(x[rows]), y[rows], state, scale, bias, 0.3, 1.0, 0.01,
+                               7 + rows.start, loss_fn)
+                for rows in (slice(0, 30), slice(30, 60))]
+    losses = kernels.ftrl_rows(rows_of(x), y, state, scale, bias, 0.3, 1.0, 0.01, 7,
+                               kernels.LOSSES[loss_fn], lanes=2)
+    torch.testing.assert_close(losses.double(), torch.cat([e[0] for e in expected]),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state[:10].double(), expected[0][1][:10], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state[10:].double(), expected[1][1][10:], rtol=1e-4, atol=1e-5)
+    start = torch.tensor([0.2, 0.5], dtype=torch.float64)
+    z = start[0] + sum(e[2][0] - start[0] for e in expected)
+    n = start[1] ** 2 + sum(e[2][1] ** 2 - start[1] ** 2 for e in expected)
+    torch.testing.assert_close(bias, torch.stack([z, n.sqrt()]), rtol=1e-6, atol=1e-8)
+
+
 @needs_numba
 @pytest.mark.parametrize("shrink", [0.0, 0.3])
 @pytest.mark.parametrize("compiled", [True, False])
@@ -164,16 +211,20 @@ def test_sparse_and_dense_batch_steps_take_the_same_path():
     assert models[0].linear.weight.abs().sum() > 0
 
 
+@pytest.mark.parametrize("hogwild", [1, 2])
 @pytest.mark.parametrize("loss_fn", [bce, hinge])
-def test_ftrl_reaches_the_objectives_optimum(loss_fn):
+def test_ftrl_reaches_the_objectives_optimum(loss_fn, hogwild, request):
     """λ·t in FTRL's closed form makes the documented objective's optimum its fixed point:
-    after enough epochs f is where Newton (or, for the hinge, a long subgradient run) puts it."""
+    after enough epochs f is where Newton (or, for the hinge, a long subgradient run) puts it;
+    with optimizer.hogwild=2 too, whose two lanes share 40 features (and race on them)."""
+    if hogwild > 1:
+        request.getfixturevalue("two_lanes")
     width, l2 = 40, 1e-3
     batches = [(csr(100, width, 8, seed=s), None) for s in range(10)]
     w_true = torch.randn(width)
     batches = [(x, ((x @ w_true) + 0.5 * torch.randn(100) > 2).float()) for x, _ in batches]
     model = Linear(width)
-    opt = FTRL(model.parameters(), lr=0.5, l2=l2)
+    opt = FTRL(model.parameters(), lr=0.5, l2=l2, hogwild=hogwild)
     for _ in range(300):
         for x, y in batches:
             opt.step_batch(model, x, y, loss_fn)
