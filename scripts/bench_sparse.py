@@ -5,6 +5,7 @@
                                                         #   --vocab 20000: about a minute
     python scripts/bench_sparse.py --rows 300000 --datasets uniform --json /tmp/bench.json
     python scripts/bench_sparse.py --largeml-args "data.batch_size=4096"
+    python scripts/bench_sparse.py --datasets uniform --ftrl-args "optimizer.hogwild=2"
 
 Two synthetic sets, generated once (seeded) under --dir and reused:
 
@@ -31,9 +32,9 @@ polled every 20 ms) kept for each:
   timed it (`perf/epoch_seconds` read back from the run's TensorBoard file: the same steps,
   validation and checkpoint, without two start-ups' jitter), and its own
   `perf/samples_per_sec` (training only) from metrics.json. These runs stream: `STREAMING`
-  (FTRL), the method to set against SGD and VW epoch for epoch. Then a run of that which
-  stops by its own rule, and one with the defaults (`auto`), which stops by its own rule
-  too: wall time, epochs, `stopped`. The optimizer and feature scaling that
+  (FTRL) plus --ftrl-args, the method to set against SGD and VW epoch for epoch. Then a
+  run of that which stops by its own rule, and one with the defaults (`auto`), which stops by
+  its own rule too: wall time, epochs, `stopped`. The optimizer and feature scaling that
   largeml chose (`auto`) are read from the run's config.yaml and log.
 - SGDClassifier(loss="log_loss", max_iter=1 and 3, tol=None, random_state=0, otherwise default):
   fit time on the in-memory CSR matrix, the median of --repeats fits. And the 1-epoch fit
@@ -324,10 +325,11 @@ def largeml_run(root: Path, name: str, overrides: list[str], extra: list[str]) -
             "feature_scaling": scaling.group(1) if scaling else None}
 
 
-def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int,
+def bench_largeml(root: Path, rows: int, extra: list[str], ftrl: list[str], repeats: int,
                   beside: "SgdBeside") -> dict:
     # Untimed first: the first run after a code change compiles and caches largeml's kernels.
-    epochs = [*STREAMING, "trainer.tol=0"]
+    streaming_args = [*STREAMING, *ftrl]
+    epochs = [*streaming_args, "trainer.tol=0"]
     warmup = largeml_run(root, "warmup", [*epochs, "trainer.max_epochs=1"], extra)
     pairs, sgd_s = [], [beside.fit()]
     for _ in range(repeats):  # interleaved: a slow spell of the machine hits both
@@ -342,10 +344,11 @@ def bench_largeml(root: Path, rows: int, extra: list[str], repeats: int,
     seconds = [three["epoch_seconds"][1] for _, three in pairs]
     second_s = float(np.median(seconds))
     one, three = (median_run([pair[i] for pair in pairs]) for i in (0, 1))
-    streaming = largeml_run(root, "streaming", STREAMING, extra)
+    streaming = largeml_run(root, "streaming", streaming_args, extra)
     default = largeml_run(root, "defaults", [], extra)
     return {"warmup": warmup, "epochs1": one, "epochs3": three, "streaming": streaming,
-            "defaults": default, "epoch_s": epoch_s, "epoch_s_each": epochs_s,
+            "defaults": default, "streaming_args": streaming_args, "epoch_s": epoch_s,
+            "epoch_s_each": epochs_s,
             "rows_per_s": rows / epoch_s if epoch_s > 0 else float("nan"),
             "second_epoch_s": second_s, "second_epoch_s_each": seconds,
             "sgd_between_s_each": sgd_s, "sgd_between_s": float(np.median(sgd_s)),
@@ -548,7 +551,8 @@ def report(meta: dict, r: dict) -> str:
          lm["sgd_between_s"], rows / lm["sgd_between_s"], None, None,
          "the median of a fit before each pair and one after the last, in a process of its own"),
         ("largeml FTRL epoch: (3-epoch - 1-epoch wall) / 2", 1, lm["epoch_s"],
-         lm["rows_per_s"], None, None, f"`{' '.join(STREAMING)}`; validation included"),
+         lm["rows_per_s"], None, None,
+         f"`{' '.join(lm['streaming_args'])}`; validation included"),
         ("largeml FTRL epoch 2 of the 3-epoch runs, as timed inside", 1, lm["second_epoch_s"],
          rows / lm["second_epoch_s"], None, None,
          "`perf/epoch_seconds`: steps, validation, checkpoint"),
@@ -624,6 +628,9 @@ def parse_args() -> argparse.Namespace:
                         help="100 k rows, 200 k features, vocabularies up to 20 k")
     parser.add_argument("--largeml-args", default="",
                         help='overrides appended to every largeml run, e.g. "data.batch_size=4096"')
+    parser.add_argument("--ftrl-args", default="",
+                        help='overrides appended to the FTRL runs alone, e.g. '
+                        '"optimizer.hogwild=2"')
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed runs of each epoch count (medians reported); LIBLINEAR "
@@ -672,7 +679,8 @@ def main() -> None:
         beside = SgdBeside(root)
         try:
             results["largeml"] = bench_largeml(root, meta["rows"]["train"], extra,
-                                               args.repeats, beside)
+                                               shlex.split(args.ftrl_args), args.repeats,
+                                               beside)
         finally:
             beside.close()
         everything["datasets"][kind] = {"meta": meta, **results}
