@@ -36,11 +36,14 @@ minimises).
 `hogwild` = N > 1 learns each batch on N cores at once (the compiled loop; `kernels._ftrl_lanes`):
 each core takes its share of the batch's rows, in order, and all share the state without locks,
 as in Hogwild (Niu et al. 2011). Where the features are many and each row holds few of them,
-two cores seldom touch one feature at once and an epoch runs nearly N times as fast (the
-uniform set of scripts/bench_sparse.py: 0.21 s against 0.39 s); where a few features are in
-most rows (click logs' hot values), the cores take those features' cache lines from each other
-and it runs slower (that set: 0.34 against 0.16 s). The numbers then depend on the threads'
-timing: a run is not repeated bit for bit, as it is with the default, 1.
+two cores seldom touch one feature at once and the loop runs nearly N times as fast (the
+uniform set of scripts/bench_sparse.py, the loop alone over its rows in memory: 0.21 s an epoch
+against 0.39 s; through the CLI, beside validation and the checkpoint's write, 0.42 against
+0.46 s); where a few features are in most rows (click logs' hot values), the cores take those
+features' cache lines from each other and it runs slower (that set: 0.34 against 0.16 s, and
+0.43 against 0.24 s through the CLI). The numbers then depend on the threads'
+timing: a run is not repeated bit for bit, as it is with the default, 1. (CPU only: on the GPU
+the batch step, one step for all of a batch's rows, takes no lanes.)
 
 `lr` is α, a feature's first step, for features scaled to about [−1, 1] (which `data.scale=auto`
 gives); β = 1, the paper's suggestion, keeps the first steps bounded.
