@@ -283,6 +283,15 @@ if numba is not None:
             _prefetch_row(following[0], following[1], where[k + 1, 1], target)
         return shard, arrays
 
+    @_jit_inline
+    def _lane(where, n, lane, lanes, addresses, lengths):  # pragma: no cover
+        """Lane `lane`'s run of the n rows of a batch of pieces (`where`, `_rows_of`), the
+        lane-th of `lanes`, as (first row, end row, its first row's shard, that shard's
+        arrays), for `_walk` to go on from."""
+        lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+        shard = where[min(lo_k, n - 1), 0] if n > 0 else 0  # (no rows: nothing is read)
+        return lo_k, hi_k, shard, _shard_arrays(addresses, lengths, shard)
+
     @_jit_lanes
     def _ftrl_lanes(pieces, addresses, lengths, y, state, scale, scaled, bias, alpha, beta, l2,
                     l1, rows_before, loss, out, lanes):  # pragma: no cover
@@ -302,10 +311,8 @@ if numba is not None:
             own[lane, 0], own[lane, 1] = bias[0], bias[1]
         a, inv_a, one = np.float32(alpha), np.float32(1.0 / alpha), np.float32(1.0)
         for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            lo_k, hi_k, shard, arrays = _lane(where, n, lane, lanes, addresses, lengths)
             mine, scratch = own[lane], np.empty(longest, np.float32)
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
             for k in range(lo_k, hi_k):
                 shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, state)
                 indptr, cols, vals = arrays
@@ -333,10 +340,8 @@ if numba is not None:
         lanes = own.shape[0]
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            lo_k, hi_k, shard, arrays = _lane(where, n, lane, lanes, addresses, lengths)
             mine = own[lane]
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
             for k in range(lo_k, hi_k):
                 shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
                 indptr, cols, vals = arrays
@@ -362,11 +367,9 @@ if numba is not None:
         kept = len(curvature) > 0
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            lo_k, hi_k, shard, arrays = _lane(where, n, lane, lanes, addresses, lengths)
             mine = own[lane]
             total, bias_grad, bias_curv = 0.0, 0.0, 0.0
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
             for k in range(lo_k, hi_k):
                 shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
                 indptr, cols, vals = arrays
@@ -403,9 +406,7 @@ if numba is not None:
         n = len(out)
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
+            lo_k, hi_k, shard, arrays = _lane(where, n, lane, lanes, addresses, lengths)
             for k in range(lo_k, hi_k):
                 shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, w)
                 indptr, cols, vals = arrays
@@ -437,11 +438,9 @@ if numba is not None:
         kept = len(curvature) > 0
         where = _rows_of(pieces, n)
         for lane in numba.prange(lanes):
-            lo_k, hi_k = n * lane // lanes, n * (lane + 1) // lanes
+            lo_k, hi_k, shard, arrays = _lane(where, n, lane, lanes, addresses, lengths)
             mine = own[lane]
             bias_part = 0.0
-            shard = where[min(lo_k, n - 1), 0]
-            arrays = _shard_arrays(addresses, lengths, shard)
             for k in range(lo_k, hi_k):
                 shard, arrays = _walk(where, k, hi_k, addresses, lengths, shard, arrays, mine)
                 indptr, cols, vals = arrays
