@@ -70,6 +70,9 @@ class FTRL(Optimizer):
     def __init__(self, params, lr: float = 0.3, beta: float = 1.0, l2: float = 0.0,
                  l1: float = 0.0, hogwild: int = 1) -> None:
         super().__init__(params, {"lr": lr, "beta": beta, "l2": l2, "l1": l1})
+        if isinstance(hogwild, bool) or not isinstance(hogwild, int) or hogwild < 1:
+            raise ValueError(f"FTRL's hogwild is a number of cores >= 1 (1: row by row), "
+                             f"got {hogwild!r}")
         self.hogwild = hogwild  # cores learning at once in the compiled loop (1: row by row)
         params = [p for group in self.param_groups for p in group["params"]]
         if len(params) != 2 or params[0].dim() != 2 or params[0].shape[0] != 1:

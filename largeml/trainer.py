@@ -239,10 +239,16 @@ class Trainer:
             self.steps_per_epoch, self.precision, self.tol,
         )
         hogwild = getattr(self.optimizer, "hogwild", 1)
-        if hogwild > 1 and self.device.type == "cpu":
+        if hogwild > 1 and (self.device.type == "cpu" and self.data.sparse
+                            and kernels.numba is not None
+                            and kernels.loss_code(self.loss_fn) is not None):
             log.info("optimizer.hogwild=%d: each batch learnt on %d cores at once, sharing the "
                      "state without locks (Hogwild): a run is not repeated bit for bit", hogwild,
                      min(hogwild, kernels.lanes()))
+        elif hogwild > 1:
+            log.warning("optimizer.hogwild=%d has no effect here: it splits the rows of FTRL's "
+                        "compiled loop, which learns sparse rows on the CPU (with numba) for "
+                        "bce, hinge and squared_hinge; this run takes one step a batch", hogwild)
         self._resume()
         if self.processes.main:  # resumed: TensorBoard hides what a killed run logged later
             self.logger = RunLogger(self.run_dir, purge_step=self.step or None)

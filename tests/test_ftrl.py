@@ -280,6 +280,8 @@ def test_ftrl_takes_linear_models_in_one_process():
 
     with pytest.raises(ValueError, match="linear model"):
         FTRL(torch.nn.Linear(3, 4).parameters())
+    with pytest.raises(ValueError, match="hogwild"):
+        FTRL(Linear(3).parameters(), hogwild=0)
     with pytest.raises(ConfigError, match="optimizer=adagrad"):
         _check_batch_optimizer(Processes(rank=0, world_size=2, local_rank=0,
                                          local_world_size=2), 1, None)

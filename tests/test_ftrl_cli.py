@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import run_cli, write_sparse_shards
+from conftest import run_cli, write_dense_shards, write_sparse_shards
 
 pytestmark = pytest.mark.e2e
 
@@ -39,3 +39,15 @@ def test_ftrl_learns_on_two_cores_with_hogwild(tmp_path):
         objectives[cores] = json.loads((run / "metrics.json").read_text())["train/objective"]
     assert objectives[2] < 0.6, objectives  # log 2 = 0.69 at the start
     assert abs(objectives[2] - objectives[1]) < 0.01 * objectives[1], objectives
+
+
+def test_hogwild_where_it_cannot_apply_says_so(tmp_path):
+    """Dense rows: FTRL takes one step a batch, and optimizer.hogwild=2 is a warning, not a
+    claim that two cores learn."""
+    shards = write_dense_shards(tmp_path / "train", 2000, 8)
+    result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", "data=files", f"data.train_path={shards}",
+                     "optimizer=ftrl", "optimizer.hogwild=2", "trainer.tol=0",
+                     "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "optimizer.hogwild=2 has no effect here" in result.stdout, result.stdout
+    assert "each batch learnt on" not in result.stdout, result.stdout
