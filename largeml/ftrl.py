@@ -121,6 +121,13 @@ class FTRL(Optimizer):
             self._stepped = True
         return losses
 
+    @staticmethod
+    def learns_in_lanes(loss_fn, sparse: bool, device: torch.device) -> bool:
+        """Whether `step_batch` takes this run's batches in the compiled loop, whose rows
+        `hogwild` splits among cores (else in `_batch_step`, one step a batch)."""
+        return (device.type == "cpu" and sparse and kernels.numba is not None
+                and kernels.loss_code(loss_fn) is not None)
+
     def step(self, closure=None) -> None:
         """Nothing: FTRL learns in `step_batch` (which calls this once)."""
 

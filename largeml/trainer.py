@@ -239,9 +239,8 @@ class Trainer:
             self.steps_per_epoch, self.precision, self.tol,
         )
         hogwild = getattr(self.optimizer, "hogwild", 1)
-        if hogwild > 1 and (self.device.type == "cpu" and self.data.sparse
-                            and kernels.numba is not None
-                            and kernels.loss_code(self.loss_fn) is not None):
+        if hogwild > 1 and self.optimizer.learns_in_lanes(self.loss_fn, self.data.sparse,
+                                                          self.device):
             log.info("optimizer.hogwild=%d: each batch learnt on %d cores at once, sharing the "
                      "state without locks (Hogwild): a run is not repeated bit for bit", hogwild,
                      min(hogwild, kernels.lanes()))
