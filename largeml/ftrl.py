@@ -81,7 +81,7 @@ class FTRL(Optimizer):
         self.weight, self.bias = params
         device = self.weight.device
         self.state["ftrl"] = {
-            "features": torch.zeros(self.weight.shape[1], kernels.WIDTH, device=device),
+            "features": self._zeros(self.weight.shape[1], device),
             "bias": torch.zeros(2, dtype=torch.float64),  # z, √n; on the CPU, read every step
             "rows": 0,  # rows learnt from: the t of λ·t
         }
@@ -166,6 +166,14 @@ class FTRL(Optimizer):
         z, root = b.tolist()
         b[0], b[1] = kernels.ftrl_step(z, root, g, self._bias_value(alpha, beta), alpha)
 
+    @staticmethod
+    def _zeros(n_features: int, device: torch.device) -> Tensor:
+        """A zero state for `n_features`: on the CPU on large pages (`kernels.zeros_on_huge_pages`:
+        the compiled loop reads it at random features)."""
+        if device.type == "cpu":
+            return kernels.zeros_on_huge_pages(n_features, kernels.WIDTH)
+        return torch.zeros(n_features, kernels.WIDTH, device=device)
+
     # -- the model's view -------------------------------------------------------------------
 
     @torch.no_grad()
@@ -187,6 +195,8 @@ class FTRL(Optimizer):
         # Optimizer.load_state_dict moves the state of each parameter to its device; ours is
         # kept under "ftrl", not under a parameter, so it is moved here.
         state = self.state["ftrl"]
-        state["features"] = state["features"].to(self.weight.device)
+        features = state["features"]
+        state["features"] = self._zeros(features.shape[0], self.weight.device)
+        state["features"].copy_(features)
         state["bias"] = state["bias"].cpu()
         self._settled = None

@@ -20,6 +20,7 @@ one step per batch, for the GPU, whose threads want whole batches.
 """
 
 import math
+import mmap
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ except ImportError:  # the torch forms do the same work, slower
 # over a padded 16-byte one: a step's time follows the state's footprint.)
 Z, ROOT = range(2)
 WIDTH = 2
+HUGE_PAGE = 2 << 20  # bytes in one of the x86-64 MMU's large pages
 
 
 def available(x: Tensor) -> bool:
@@ -529,6 +531,25 @@ if numba is not None:
             for i in range(crow[r], crow[r + 1]):
                 c = cols[i]
                 out[c] += dr * (scale[c] if scaled else 1.0) * vals[i]
+
+
+def zeros_on_huge_pages(*shape: int) -> Tensor:
+    """float32 zeros of `shape` on the CPU, in memory that Linux is asked to map with 2 MiB pages
+    (madvise MADV_HUGEPAGE; elsewhere, or under 2 MiB, plain `torch.zeros`). For a state read at
+    random features, such as FTRL's: with 4 KiB pages most reads of a 16 MiB state also miss
+    the TLB (torch allocates with plain pages; this Linux gives large ones only where asked),
+    and the uniform set's FTRL loop took 0.48 s an epoch through the CLI against 0.44 s."""
+    count = math.prod(shape)
+    if 4 * count < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape)
+    # Fresh anonymous memory reads as zeros; one spare large page of room to start on a
+    # boundary (the pages before it are never touched, so never backed).
+    area = mmap.mmap(-1, -(-4 * count // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
+                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # (shared: no large pages)
+    area.madvise(mmap.MADV_HUGEPAGE)
+    start = -np.frombuffer(area, np.uint8, count=1).ctypes.data % HUGE_PAGE
+    # (the tensor holds a reference to `area`, which lives as long as it does)
+    return torch.frombuffer(area, dtype=torch.float32, count=count, offset=start).view(shape)
 
 
 def lanes() -> int:

@@ -4,8 +4,11 @@ dense algebra, the batch form on CSR against dense batches, FTRL's fixed point a
 documented objective's optimum, and its state through a checkpoint."""
 
 import functools
+import io
 import os
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,6 +275,42 @@ def test_state_round_trips_and_the_next_steps_are_the_same():
     resumed.settle()
     assert torch.equal(model.linear.weight, other.linear.weight)
     assert saved["rows"] == 3 * 32
+
+
+def _large_pages_allowed(t: torch.Tensor) -> bool:
+    """Whether Linux may map t's memory with large pages (THPeligible of its mapping)."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(v, 16) for v in block.split(None, 1)[0].split("-"))
+        if lo <= t.data_ptr() < hi:
+            return re.search(r"THPeligible:\s+(\d)", block)[1] == "1"
+    raise AssertionError("no mapping holds the tensor")
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(),
+                    reason="needs Linux with transparent huge pages")
+def test_a_large_state_is_on_large_pages_from_the_start_and_after_a_resume():
+    width = 600_000  # 4.8 MB of state: more than two large pages
+    model = Linear(width)
+    opt = FTRL(model.parameters(), lr=0.3)
+    features = opt.state["ftrl"]["features"]
+    assert features.shape == (width, kernels.WIDTH) and features.dtype == torch.float32
+    assert not features.any() and _large_pages_allowed(features)
+    opt.step_batch(model, csr(64, width, 20, seed=0), (torch.rand(64) > 0.5).float(), bce)
+    assert features.any()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert not _large_pages_allowed(loaded["state"]["ftrl"]["features"])  # torch's own memory
+    resumed = FTRL(Linear(width).parameters(), lr=0.3)
+    resumed.load_state_dict(loaded)
+    assert torch.equal(resumed.state["ftrl"]["features"], features)
+    assert _large_pages_allowed(resumed.state["ftrl"]["features"])
+    small = FTRL(Linear(25).parameters()).state["ftrl"]["features"]  # under one page: torch's
+    assert small.shape == (25, kernels.WIDTH) and not small.any()
 
 
 def test_ftrl_takes_linear_models_in_one_process():
