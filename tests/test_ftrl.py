@@ -304,7 +304,8 @@ def test_a_large_state_is_on_large_pages_from_the_start_and_after_a_resume():
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
-    assert not _large_pages_allowed(loaded["state"]["ftrl"]["features"])  # torch's own memory
+    if "[madvise]" in THP.read_text():  # (with "always", all memory may be on them)
+        assert not _large_pages_allowed(loaded["state"]["ftrl"]["features"])  # torch's own
     resumed = FTRL(Linear(width).parameters(), lr=0.3)
     resumed.load_state_dict(loaded)
     assert torch.equal(resumed.state["ftrl"]["features"], features)
