@@ -671,7 +671,8 @@ def _ftrl(pieces, maps: tuple, y: Tensor, state: Tensor, scale: Tensor | None, b
           alpha: float, beta: float, l2: float, l1: float, rows_before: int, loss: int,
           lanes: int) -> Tensor:
     out = torch.empty(len(y))
-    lanes = max(1, min(lanes, numba.get_num_threads(), len(y)))  # lanes > 1: Hogwild
+    if lanes > 1:  # Hogwild, on no more lanes than numba's threads or the batch's rows
+        lanes = max(1, min(lanes, numba.get_num_threads(), len(y)))
     arguments = (pieces, *maps, y.numpy(), state.numpy(), *_scale(scale, y), bias.numpy(),
                  alpha, beta, l2, l1, rows_before, loss, out.numpy())
     if lanes == 1:
